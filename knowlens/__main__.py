@@ -1,0 +1,5 @@
+import sys
+
+from knowlens.cli.main import main
+
+sys.exit(main())

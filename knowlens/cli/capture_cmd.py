@@ -1,0 +1,16 @@
+"""`knowlens capture` (being written)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("capture", help="(being written)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from knowlens.errors import KnowlensError
+
+    raise KnowlensError("'capture' is not implemented yet")

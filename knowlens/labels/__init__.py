@@ -1,0 +1,1 @@
+"""knowlens.labels: filled in by later issues (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""knowlens.probes: filled in by later issues (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""knowlens.saes: filled in by later issues (see DESIGN.md)."""
