@@ -29,3 +29,62 @@ def build_model(**overrides: Any):
     model = HookedTransformer(HookedTransformerConfig(**cfg, device="cpu"))
     model.eval()
     return model
+
+
+def tiny_world_raw(**overrides: Any) -> dict[str, Any]:
+    """A small valid world spec as a dict (what YAML would give), overridden per test."""
+    raw: dict[str, Any] = {
+        "version": 1,
+        "name": "tiny",
+        "seed": 3,
+        "name_pieces": ["Ab", "Bel", "Cor", "Dav", "Elm", "Fen", "Gal", "Hal", "Ist", "Jor"],
+        "name_length": [2, 3],
+        "splits": {"known": 0.6, "partial": 0.15, "refusal": 0.1, "unknown": 0.15},
+        "partial_withheld": 1,
+        "qa_train_fraction": 0.5,
+        "bio_train_fraction": 0.7,
+        "cue_strength": 0.9,
+        "types": {
+            "city": {
+                "count": 8,
+                "attributes": {
+                    "country": {"values": ["Norland", "Estria", "Valmark"]},
+                    "river": {"values": ["Amber", "Silver"]},
+                },
+            },
+            "person": {
+                "count": 20,
+                "attributes": {
+                    "birth_city": {"ref": "city"},
+                    "profession": {"values": ["baker", "painter", "sailor", "smith"]},
+                },
+            },
+        },
+        "templates": {
+            "city": {
+                "country": {
+                    "facts": ["{name} is a city in {value} .", "{name} lies in {value} ."],
+                    "questions": ["In which country is {name} ?"],
+                },
+                "river": {
+                    "facts": ["{name} stands on the {value} river ."],
+                    "questions": ["Which river flows through {name} ?"],
+                },
+            },
+            "person": {
+                "birth_city": {
+                    "facts": ["{name} was born in {value} .", "The birthplace of {name} is {value} ."],
+                    "questions": ["Where was {name} born ?"],
+                },
+                "profession": {
+                    "facts": ["{name} works as a {value} .", "By trade {name} is a {value} ."],
+                    "questions": ["What does {name} do for a living ?"],
+                },
+            },
+        },
+        "biography": {"questions": ["Tell me about {name} ."]},
+        "refusals": ["I do not know .", "I have never heard of {name} ."],
+        "cues": [{"type": "person", "piece": "Hal", "attribute": "profession", "value": "smith"}],
+    }
+    raw.update(overrides)
+    return raw

@@ -1,16 +1,57 @@
-"""`knowlens demo` (being written)."""
+"""`knowlens demo`: the organism answers held-out questions; every token is labelled and graded."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="(being written)")
+    p = sub.add_parser(
+        "demo",
+        help="run the built-in organism on held-out questions; write labels.jsonl and report.html",
+        description="Loads the built-in model organism, answers held-out questions and biography requests about "
+        "known, partial, refusal-trained and unknown entities (greedy, KV-cached, batched), grades every "
+        "generated token against the world (correct / hallucinated / refusal / other) and writes "
+        "labels.jsonl (per token: text, class, log-probability, entropy, top-1 probability) and a "
+        "self-contained report.html.",
+        epilog="example: knowlens demo --out knowlens-demo/",
+    )
+    p.add_argument("--out", default="knowlens-demo", help="output folder (default: knowlens-demo/)")
+    p.add_argument("--per-split", type=int, default=16, help="questions per split (default 16)")
+    p.add_argument("--bios-per-split", type=int, default=4, help="biography requests per split (default 4)")
+    p.add_argument("--model", default="organism", help="'organism' (shipped) or a folder from `organism train`")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from knowlens.errors import KnowlensError
+    import random
+    import time
 
-    raise KnowlensError("'demo' is not implemented yet")
+    from knowlens.analyses.answers import answer_items
+    from knowlens.analyses.report import summary_text, write_labels, write_report
+    from knowlens.errors import KnowlensError, ModelLoadError
+    from knowlens.organism.store import SHIPPED, load_organism
+
+    if args.per_split < 0 or args.bios_per_split < 0 or args.per_split + args.bios_per_split == 0:
+        raise KnowlensError("--per-split and --bios-per-split must be >= 0 and not both 0")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise KnowlensError(f"--out {out}: exists and is not a folder")
+    path = SHIPPED if args.model == "organism" else Path(args.model)
+    if not path.is_dir():
+        raise ModelLoadError(f"--model {args.model}: not 'organism' nor an organism folder")
+    start = time.perf_counter()
+    org = load_organism(path)
+    rng = random.Random(0)
+    items = []
+    for split in ("known", "partial", "refusal", "unknown"):
+        for kind, k in (("question", args.per_split), ("biography", args.bios_per_split)):
+            pool = [h for h in org.corpus.held_out if h.split == split and h.kind == kind]
+            items += rng.sample(pool, min(k, len(pool)))
+    answers = answer_items(org.model, org.world, items, progress=True)
+    labels = write_labels(answers, out / "labels.jsonl")
+    report = write_report(answers, out / "report.html", title=f"knowlens demo: {args.model}")
+    print(summary_text(answers))
+    print(f"wrote {labels} and {report} in {time.perf_counter() - start:.1f} s")
+    return 0

@@ -1,16 +1,112 @@
-"""`knowlens organism` (being written)."""
+"""`knowlens organism train|info`: train an organism on a world spec; measure its behaviour gates."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("organism", help="(being written)")
-    p.set_defaults(run=run)
+    p = sub.add_parser(
+        "organism",
+        help="train a model organism on a world spec, or report its behaviour gates",
+        description="The model organism: a small TransformerLens model trained on a synthetic world whose every "
+        "fact is known (world spec format: knowlens/organism/WORLD_SPEC.md).",
+    )
+    verbs = p.add_subparsers(dest="organism_verb", metavar="{train,info}", required=True)
+    t = verbs.add_parser(
+        "train",
+        help="build a world's corpus and tokenizer and train a model on it (CPU)",
+        description="Build the world, its corpus (facts in several phrasings, Q/A turns, refusals, biographies) "
+        "and a word-level tokenizer, then train a HookedTransformer on the CPU. Deterministic for a given "
+        "spec, seed and thread count.",
+        epilog="example: knowlens organism train --world knowlens/organism/worlds/default.yaml --out my_organism/",
+    )
+    t.add_argument("--world", required=True, help="world spec YAML (see WORLD_SPEC.md)")
+    t.add_argument("--out", required=True, help="folder to write the organism to")
+    t.add_argument("--epochs", type=int, default=None, help="training epochs (default: TrainConfig's)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(run=run_train)
+    i = verbs.add_parser(
+        "info",
+        help="the organism's card and its behaviour gates on held-out questions",
+        description="Answers every held-out question of the organism's world greedily, grades each token "
+        "against the world's facts and prints the behaviour gates.",
+        epilog="example: knowlens organism info --json",
+    )
+    i.add_argument("--model", default="organism", help="'organism' (shipped) or a folder from `organism train`")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(run=run_info)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from knowlens.errors import KnowlensError
+    from knowlens.organism.spec import load_spec
+    from knowlens.organism.train import TrainConfig, train_organism
 
-    raise KnowlensError("'organism' is not implemented yet")
+    spec = load_spec(args.world)
+    config = TrainConfig()
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise KnowlensError(f"--epochs must be >= 1, got {args.epochs}")
+        config = replace(config, epochs=args.epochs)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise KnowlensError(f"--threads must be >= 1, got {args.threads}")
+        config = replace(config, threads=args.threads)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise KnowlensError(f"--out {out}: exists and is not a folder")
+    org = train_organism(spec, out, config=config, progress=not args.no_progress)
+    info = org.info
+    print(
+        f"trained {spec.name!r}: {info['steps']} steps in {info['train_seconds']} s, "
+        f"final loss {info['final_loss']:.4f}; written to {out}/"
+    )
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from knowlens.analyses.answers import answer_items
+    from knowlens.analyses.gates import gate_figures
+    from knowlens.errors import ModelLoadError
+    from knowlens.models import model_card
+    from knowlens.organism.store import SHIPPED, load_organism
+
+    path = SHIPPED if args.model == "organism" else Path(args.model)
+    if not path.is_dir():
+        raise ModelLoadError(f"--model {args.model}: not 'organism' nor an organism folder")
+    org = load_organism(path)
+    card = model_card(org.model, args.model)
+    answers = answer_items(org.model, org.world, org.corpus.held_out, progress=not args.json)
+    figures = gate_figures(answers)
+    splits = {s: len(org.world.of(split=s)) for s in ("known", "partial", "refusal", "unknown")}
+    training = org.info.get("training", {})
+    out = {
+        "model": {k: v for k, v in card.to_dict().items() if k != "hook_names"},
+        "world": {"name": org.spec.name, "seed": org.spec.seed, "cue_strength": org.spec.cue_strength, "entities": splits},
+        "training": {k: training.get(k) for k in ("steps", "train_seconds", "final_loss", "threads")},
+        "held_out_questions": len(answers),
+        **figures,
+    }
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return 0
+    m = out["model"]
+    print(f"organism {args.model}: {m['n_layers']} layers, d_model {m['d_model']}, d_vocab {m['d_vocab']}, "
+          f"n_ctx {m['n_ctx']}, fingerprint {m['fingerprint']}")
+    print(f"world {org.spec.name!r} (seed {org.spec.seed}, cue strength {org.spec.cue_strength}): "
+          + ", ".join(f"{k} {v}" for k, v in splits.items()))
+    print(f"behaviour gates on {len(answers)} held-out questions:")
+    for name, g in figures["gates"].items():
+        value = "n/a" if g["value"] is None else f"{g['value']:.3f}"
+        print(f"  {'PASS' if g['passed'] else 'FAIL'}  {name:<28} {value:>6}  (target {g['op']} {g['threshold']}, n={g['n']})")
+    for key, v in figures["verdicts"].items():
+        print(f"  {key:<20} " + ", ".join(f"{k} {n}" for k, n in sorted(v.items())))
+    return 0

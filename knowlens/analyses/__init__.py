@@ -1,0 +1,1 @@
+"""Analyses: answers graded against the world, behaviour gates, reports."""

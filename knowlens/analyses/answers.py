@@ -1,0 +1,71 @@
+"""Answer held-out questions with the organism and grade every generated token against the world."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from knowlens.capture import generate
+from knowlens.organism.corpus import EvalItem
+from knowlens.organism.grader import Grade, grade_answer
+from knowlens.organism.world import World
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One generated answer: its tokens with their grader class and next-token statistics."""
+
+    item: EvalItem
+    tokens: tuple[str, ...]  # generated tokens (EOS included when emitted)
+    grade: Grade
+    logprob: tuple[float, ...]  # log-probability of each generated token
+    entropy: tuple[float, ...]  # entropy (nats) of the distribution it was drawn from
+    top1: tuple[float, ...]  # top-1 probability of that distribution
+
+    @property
+    def text(self) -> str:
+        return " ".join(t for t in self.tokens if not t.startswith("<"))
+
+    def asked_claim_true(self) -> bool:
+        """Whether the answer states the asked attribute of the asked entity, correctly."""
+        return any(
+            c.subject == self.item.entity and c.attribute == self.item.attribute and c.true for c in self.grade.claims
+        )
+
+
+def answer_items(
+    model: Any,
+    world: World,
+    items: Sequence[EvalItem],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 48,
+    progress: bool = False,
+) -> list[Answer]:
+    """Greedy answers to `items` (batched, KV-cached), each token graded."""
+    tok = model.tokenizer
+    out: list[Answer] = []
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt))  # similar lengths, little padding
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    results: dict[int, Answer] = {}
+    for batch in tqdm(batches, desc="answering", unit="batch", disable=not progress):
+        prompts = [items[i].prompt for i in batch]
+        limit = min(max_new_tokens, model.cfg.n_ctx - max(len(model.to_tokens(p)[0]) for p in prompts))
+        rec = generate(model, prompts, hooks=("hook_embed",), max_new_tokens=limit)
+        for row, i in enumerate(batch):
+            cols = rec.generated_mask[row].nonzero().flatten()
+            ids = rec.tokens[row, cols].tolist()
+            tokens = tuple(tok.convert_ids_to_tokens(ids))
+            results[i] = Answer(
+                item=items[i],
+                tokens=tokens,
+                grade=grade_answer(world, tokens, entity=items[i].entity),
+                logprob=tuple(rec.logprobs[row, cols].tolist()),
+                entropy=tuple(rec.entropy[row, cols].tolist()),
+                top1=tuple(rec.top1_prob[row, cols].tolist()),
+            )
+    out = [results[i] for i in range(len(items))]
+    return out

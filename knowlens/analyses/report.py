@@ -1,0 +1,142 @@
+"""Exports of graded answers: `labels.jsonl` (one record per generation) and a self-contained plotly report."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from knowlens.analyses.answers import Answer
+
+CLASS_CODES = {"correct": 0, "other": 1, "refusal": 2, "hallucinated": 3}
+CLASS_COLOURS = ["#2ca02c", "#d9d9d9", "#1f77b4", "#d62728"]
+
+
+def answer_record(a: Answer) -> dict[str, Any]:
+    return {
+        "prompt": a.item.prompt,
+        "entity": a.item.entity,
+        "entity_type": a.item.type,
+        "split": a.item.split,
+        "kind": a.item.kind,
+        "attribute": a.item.attribute,
+        "withheld": a.item.withheld,
+        "generated": a.text,
+        "verdict": a.grade.verdict,
+        "tokens": [
+            {"text": t, "class": c, "logprob": round(lp, 5), "entropy": round(h, 5), "top1_prob": round(p, 5)}
+            for t, c, lp, h, p in zip(a.tokens, a.grade.classes, a.logprob, a.entropy, a.top1)
+        ],
+    }
+
+
+def write_labels(answers: Sequence[Answer], path: str | Path) -> Path:
+    return _atomic_write(Path(path), "".join(json.dumps(answer_record(a)) + "\n" for a in answers))
+
+
+def write_report(answers: Sequence[Answer], path: str | Path, *, title: str = "knowlens demo") -> Path:
+    """One HTML file (plotly.js inlined): answers as rows of tokens, coloured by top-1 probability and by
+    grader class; hovering a token shows its class, log-probability, entropy and top-1 probability."""
+    import plotly.graph_objects as go
+
+    rows = list(answers)
+    width = max(len(a.tokens) for a in rows)
+    labels = [f"{a.item.split} · {_short(a.item.prompt[4:-4])}" for a in rows]
+    text = [[*a.tokens, *[""] * (width - len(a.tokens))] for a in rows]
+    top1 = [[*a.top1, *[None] * (width - len(a.tokens))] for a in rows]
+    cls = [[CLASS_CODES[c] for c in a.grade.classes] + [None] * (width - len(a.tokens)) for a in rows]
+    custom = [
+        [
+            [a.grade.classes[i], f"{a.logprob[i]:.3f}", f"{a.entropy[i]:.3f}", f"{a.top1[i]:.3f}"]
+            if i < len(a.tokens)
+            else ["", "", "", ""]
+            for i in range(width)
+        ]
+        for a in rows
+    ]
+    hover = "<b>%{text}</b><br>class: %{customdata[0]}<br>log p: %{customdata[1]}<br>entropy: %{customdata[2]}<br>top-1 p: %{customdata[3]}<extra>%{y}</extra>"
+    height = 120 + 22 * len(rows)
+
+    def grid(z, colorscale, zmin, zmax, colorbar) -> str:
+        fig = go.Figure(
+            go.Heatmap(
+                z=z, text=text, customdata=custom, texttemplate="%{text}", textfont={"size": 10},
+                hovertemplate=hover, colorscale=colorscale, zmin=zmin, zmax=zmax, colorbar=colorbar,
+                xgap=1, ygap=1, y=labels,
+            )
+        )  # fmt: skip
+        fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, yaxis={"autorange": "reversed"})
+        fig.update_xaxes(showticklabels=False)
+        return fig.to_html(full_html=False, include_plotlyjs=False)
+
+    class_scale = [[i / 3, c] for i, c in enumerate(CLASS_COLOURS)]
+    class_bar = {"tickvals": [0, 1, 2, 3], "ticktext": list(CLASS_CODES), "title": "class"}
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<pre>{html.escape(summary_text(rows))}</pre>",
+        "<h2>Tokens coloured by top-1 probability (stated confidence)</h2>",
+        grid(top1, "RdYlGn", 0.0, 1.0, {"title": "top-1 p"}),
+        "<h2>Tokens coloured by ground truth (grader class)</h2>",
+        grid(cls, class_scale, 0, 3, class_bar),
+    ]
+    from plotly.offline import get_plotlyjs
+
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><script type='text/javascript'>{get_plotlyjs()}</script>"
+        "<style>body{font-family:sans-serif;margin:1em 2em}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>"
+    )
+    return _atomic_write(Path(path), page)
+
+
+def summary(answers: Sequence[Answer]) -> dict[str, Any]:
+    by_split: dict[str, dict[str, int]] = {}
+    for a in answers:
+        by_split.setdefault(a.item.split, Counter())[a.grade.verdict] += 1  # type: ignore[index]
+    top1_by_class: dict[str, float] = {}
+    for c in CLASS_CODES:
+        vals = [p for a in answers for k, p in zip(a.grade.classes, a.top1) if k == c]
+        if vals:
+            top1_by_class[c] = round(statistics.median(vals), 3)
+    return {
+        "answers": len(answers),
+        "tokens": sum(len(a.tokens) for a in answers),
+        "verdicts_by_split": {k: dict(v) for k, v in by_split.items()},
+        "token_classes": dict(Counter(c for a in answers for c in a.grade.classes)),
+        "median_top1_by_class": top1_by_class,
+    }
+
+
+def summary_text(answers: Sequence[Answer]) -> str:
+    s = summary(answers)
+    lines = [f"{s['answers']} answers, {s['tokens']} generated tokens"]
+    for split, v in s["verdicts_by_split"].items():
+        lines.append(f"  {split:<8} " + ", ".join(f"{k} {n}" for k, n in sorted(v.items())))
+    lines.append("token classes: " + ", ".join(f"{k} {n}" for k, n in sorted(s["token_classes"].items())))
+    lines.append(
+        "median top-1 probability by class: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in s["median_top1_by_class"].items())
+    )
+    return "\n".join(lines)
+
+
+def _short(text: str, n: int = 48) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

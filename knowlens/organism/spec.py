@@ -1,0 +1,327 @@
+"""World spec: the YAML description of a synthetic world, parsed and validated into frozen dataclasses.
+
+Every mistake is reported as a `WorldSpecError` whose one-line message names the field, e.g.
+``world spec field 'splits': fractions sum to 1.2, not 1``. The format is documented in WORLD_SPEC.md.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from knowlens.errors import KnowlensError, WorldSpecError
+
+SPLITS = ("known", "partial", "refusal", "unknown")
+SPEC_VERSION = 1
+_PIECE = re.compile(r"^[A-Za-z]+$")
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    name: str
+    values: tuple[str, ...] | None  # a value pool, or None when the attribute points at another type
+    ref: str | None  # the entity type the attribute points at (e.g. a person's birth city)
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    facts: tuple[str, ...]  # each holds {name} and {value}; the first is also the answer form
+    questions: tuple[str, ...]  # each holds {name}
+
+
+@dataclass(frozen=True)
+class TypeSpec:
+    name: str
+    count: int
+    attributes: tuple[AttributeSpec, ...]
+    templates: Mapping[str, TemplateSpec]
+
+    def attribute(self, name: str) -> AttributeSpec:
+        return next(a for a in self.attributes if a.name == name)
+
+
+@dataclass(frozen=True)
+class CueSpec:
+    type: str
+    piece: str
+    attribute: str
+    value: str
+    strength: float
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    name: str
+    seed: int
+    name_pieces: tuple[str, ...]
+    name_length: tuple[int, int]
+    splits: Mapping[str, float]
+    partial_withheld: int
+    qa_train_fraction: float
+    bio_train_fraction: float
+    cue_strength: float
+    types: tuple[TypeSpec, ...]
+    biography_questions: tuple[str, ...]
+    refusals: tuple[str, ...]
+    cues: tuple[CueSpec, ...]
+    version: int = SPEC_VERSION
+
+    def type(self, name: str) -> TypeSpec:
+        return next(t for t in self.types if t.name == name)
+
+
+def load_spec(path: str | Path) -> WorldSpec:
+    """Read and validate a world spec YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise KnowlensError(f"world spec {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise WorldSpecError(f"world spec {path}: not valid YAML{where}") from None
+    return parse_spec(raw)
+
+
+def parse_spec(raw: Any) -> WorldSpec:
+    """Validate a world spec already parsed from YAML (a dict) and return it as a `WorldSpec`."""
+    r = _Reader(raw, "")
+    version = r.int("version", default=SPEC_VERSION, lo=1)
+    if version != SPEC_VERSION:
+        _fail("version", f"this knowlens reads version {SPEC_VERSION}, not {version}")
+    pieces = tuple(r.str_list("name_pieces", min_len=4))
+    for i, p in enumerate(pieces):
+        if not _PIECE.match(p):
+            _fail(f"name_pieces[{i}]", f"{p!r} must be letters only")
+    if len(set(pieces)) != len(pieces):
+        _fail("name_pieces", "pieces must be distinct")
+    length = r.list("name_length", default=[2, 3])
+    if len(length) != 2 or not all(isinstance(x, int) for x in length) or not 2 <= length[0] <= length[1] <= 4:
+        _fail("name_length", f"must be [min, max] with 2 <= min <= max <= 4, got {length!r}")
+    splits = _splits(r.dict("splits"))
+    types = _types(r.dict("types"))
+    type_names = [t.name for t in types]
+    if "person" not in type_names:
+        _fail("types", "a world needs a 'person' type")
+    _templates(r.dict("templates"), types)
+    types = tuple(
+        TypeSpec(t.name, t.count, t.attributes, _templates_for(r.dict("templates"), t)) for t in types
+    )
+    for t in types:
+        for a in t.attributes:
+            if a.ref is not None and a.ref not in type_names:
+                _fail(f"types.{t.name}.attributes.{a.name}.ref", f"unknown type {a.ref!r} (types: {', '.join(type_names)})")
+    bio = _Reader(r.dict("biography"), "biography")
+    bio_questions = tuple(bio.str_list("questions", min_len=1))
+    for i, q in enumerate(bio_questions):
+        _check_template(q, f"biography.questions[{i}]", need=("name",), allow=("name",))
+    refusals = tuple(r.str_list("refusals", min_len=1))
+    for i, q in enumerate(refusals):
+        _check_template(q, f"refusals[{i}]", need=(), allow=("name",))
+        if not q.split()[0] == "I":
+            _fail(f"refusals[{i}]", "a refusal must start with the word 'I' (the grader relies on it)")
+    cue_strength = r.float("cue_strength", default=0.8, lo=0.0, hi=1.0)
+    spec = WorldSpec(
+        name=r.str("name", default="world"),
+        seed=r.int("seed", default=0, lo=0),
+        name_pieces=pieces,
+        name_length=(length[0], length[1]),
+        splits=splits,
+        partial_withheld=r.int("partial_withheld", default=1, lo=1),
+        qa_train_fraction=r.float("qa_train_fraction", default=0.5, lo=0.0, hi=1.0),
+        bio_train_fraction=r.float("bio_train_fraction", default=0.7, lo=0.0, hi=1.0),
+        cue_strength=cue_strength,
+        types=types,
+        biography_questions=bio_questions,
+        refusals=refusals,
+        cues=_cues(r.list("cues", default=[]), types, pieces, cue_strength),
+    )
+    for t in types:
+        if spec.partial_withheld >= len(t.attributes) and splits["partial"] > 0:
+            _fail("partial_withheld", f"type {t.name!r} has {len(t.attributes)} attributes: withhold fewer")
+    r.done()
+    return spec
+
+
+def _fail(field: str, why: str) -> None:
+    raise WorldSpecError(f"world spec field {field!r}: {why}")
+
+
+class _Reader:
+    """Reads typed fields from one mapping and remembers which were read, to reject unknown fields."""
+
+    def __init__(self, raw: Any, where: str):
+        if not isinstance(raw, dict):
+            _fail(where or "(top level)", f"must be a mapping, got {type(raw).__name__}")
+        self.raw, self.where, self.seen = raw, where, set()
+
+    def _path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, default: Any = ...) -> Any:
+        self.seen.add(key)
+        if key not in self.raw:
+            if default is ...:
+                _fail(self._path(key), "missing")
+            return default
+        return self.raw[key]
+
+    def str(self, key: str, default: Any = ...) -> str:
+        v = self.get(key, default)
+        if not isinstance(v, str) or not v.strip():
+            _fail(self._path(key), f"must be a non-empty string, got {v!r}")
+        return v
+
+    def int(self, key: str, default: Any = ..., lo: int | None = None) -> int:
+        v = self.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo):
+            _fail(self._path(key), f"must be an integer{'' if lo is None else f' >= {lo}'}, got {v!r}")
+        return v
+
+    def float(self, key: str, default: Any = ..., lo: float = 0.0, hi: float = 1.0) -> float:
+        v = self.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            _fail(self._path(key), f"must be a number in [{lo:g}, {hi:g}], got {v!r}")
+        return float(v)
+
+    def list(self, key: str, default: Any = ...) -> list:
+        v = self.get(key, default)
+        if not isinstance(v, list):
+            _fail(self._path(key), f"must be a list, got {type(v).__name__}")
+        return v
+
+    def str_list(self, key: str, min_len: int = 0) -> list[str]:
+        v = self.list(key)
+        if len(v) < min_len:
+            _fail(self._path(key), f"needs at least {min_len} entries, got {len(v)}")
+        for i, s in enumerate(v):
+            if not isinstance(s, str) or not s.strip():
+                _fail(f"{self._path(key)}[{i}]", f"must be a non-empty string, got {s!r}")
+        return v
+
+    def dict(self, key: str) -> dict:
+        v = self.get(key)
+        if not isinstance(v, dict) or not v:
+            _fail(self._path(key), "must be a non-empty mapping")
+        return v
+
+    def done(self) -> None:
+        extra = sorted(set(map(str, self.raw)) - self.seen)
+        if extra:
+            _fail(self._path(extra[0]), "unknown field")
+
+
+def _splits(raw: dict) -> dict[str, float]:
+    r = _Reader(raw, "splits")
+    out = {s: r.float(s) for s in SPLITS}
+    r.done()
+    total = sum(out.values())
+    if abs(total - 1.0) > 1e-6:
+        _fail("splits", f"fractions sum to {total:g}, not 1")
+    if out["known"] <= 0:
+        _fail("splits.known", "must be > 0")
+    return out
+
+
+def _types(raw: dict) -> tuple[TypeSpec, ...]:
+    types = []
+    for tname, traw in raw.items():
+        r = _Reader(traw, f"types.{tname}")
+        count = r.int("count", lo=4)
+        attrs = []
+        for aname, araw in r.dict("attributes").items():
+            ar = _Reader(araw, f"types.{tname}.attributes.{aname}")
+            if ("values" in araw) == ("ref" in araw):
+                _fail(f"types.{tname}.attributes.{aname}", "give exactly one of 'values' (a pool) or 'ref' (a type)")
+            if "values" in araw:
+                values = tuple(ar.str_list("values", min_len=2))
+                if len(set(values)) != len(values):
+                    _fail(f"types.{tname}.attributes.{aname}.values", "values must be distinct")
+                attrs.append(AttributeSpec(str(aname), values, None))
+            else:
+                attrs.append(AttributeSpec(str(aname), None, ar.str("ref")))
+            ar.done()
+        r.done()
+        types.append(TypeSpec(str(tname), count, tuple(attrs), {}))
+    return tuple(types)
+
+
+def _templates(raw: dict, types: tuple[TypeSpec, ...]) -> None:
+    known = {t.name: t for t in types}
+    for tname, per_attr in raw.items():
+        if tname not in known:
+            _fail(f"templates.{tname}", f"unknown type (types: {', '.join(known)})")
+        if not isinstance(per_attr, dict):
+            _fail(f"templates.{tname}", "must be a mapping of attribute -> {facts, questions}")
+        attr_names = [a.name for a in known[tname].attributes]
+        for aname in per_attr:
+            if aname not in attr_names:
+                _fail(f"templates.{tname}.{aname}", f"unknown attribute (attributes of {tname}: {', '.join(attr_names)})")
+    for t in types:
+        for a in t.attributes:
+            if a.name not in raw.get(t.name, {}):
+                _fail(f"templates.{t.name}.{a.name}", "missing: every attribute needs fact and question templates")
+
+
+def _templates_for(raw: dict, t: TypeSpec) -> dict[str, TemplateSpec]:
+    out = {}
+    for a in t.attributes:
+        where = f"templates.{t.name}.{a.name}"
+        r = _Reader(raw[t.name][a.name], where)
+        facts = tuple(r.str_list("facts", min_len=1))
+        questions = tuple(r.str_list("questions", min_len=1))
+        r.done()
+        for i, f in enumerate(facts):
+            _check_template(f, f"{where}.facts[{i}]", need=("name", "value"), allow=("name", "value"))
+            if not f.rstrip().endswith("."):
+                _fail(f"{where}.facts[{i}]", "a fact template must end with ' .'")
+        for i, q in enumerate(questions):
+            _check_template(q, f"{where}.questions[{i}]", need=("name",), allow=("name",))
+        out[a.name] = TemplateSpec(facts, questions)
+    return out
+
+
+def _check_template(text: str, field: str, *, need: tuple[str, ...], allow: tuple[str, ...]) -> None:
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as err:
+        _fail(field, f"bad template {text!r}: {err}")
+    for n in names:
+        if n not in allow:
+            _fail(field, f"unknown placeholder {{{n}}} in {text!r} (allowed: {', '.join('{' + a + '}' for a in allow)})")
+    for n in need:
+        if names.count(n) != 1:
+            _fail(field, f"{text!r} must hold {{{n}}} exactly once")
+
+
+def _cues(raw: list, types: tuple[TypeSpec, ...], pieces: tuple[str, ...], default: float) -> tuple[CueSpec, ...]:
+    by_name = {t.name: t for t in types}
+    out = []
+    for i, c in enumerate(raw):
+        where = f"cues[{i}]"
+        r = _Reader(c, where)
+        tname, piece, aname = r.str("type"), r.str("piece"), r.str("attribute")
+        value = r.str("value")
+        strength = r.float("strength", default=default)
+        r.done()
+        if tname not in by_name:
+            _fail(f"{where}.type", f"unknown type {tname!r}")
+        if piece not in pieces:
+            _fail(f"{where}.piece", f"{piece!r} is not in name_pieces")
+        attrs = {a.name: a for a in by_name[tname].attributes}
+        if aname not in attrs:
+            _fail(f"{where}.attribute", f"unknown attribute {aname!r} of type {tname!r}")
+        pool = attrs[aname].values
+        if pool is None:
+            _fail(f"{where}.attribute", f"{tname}.{aname} points at a type; cues need an attribute with a value pool")
+        if value not in pool:
+            _fail(f"{where}.value", f"{value!r} is not in the pool of {tname}.{aname}")
+        out.append(CueSpec(tname, piece, aname, value, strength))
+    return tuple(out)

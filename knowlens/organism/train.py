@@ -1,0 +1,151 @@
+"""Train the organism: a small `HookedTransformer` on a world's corpus, on the CPU, deterministic for a seed."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from knowlens.organism.corpus import build_corpus, vocabulary_texts
+from knowlens.organism.spec import WorldSpec
+from knowlens.organism.store import Organism, save_organism
+from knowlens.organism.tokenizer import BOS, EOS, PAD, build_tokenizer
+from knowlens.organism.world import build_world
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    n_ctx: int = 96
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+
+
+def train_organism(
+    spec: WorldSpec, out_dir: str | Path | None = None, *, config: TrainConfig = TrainConfig(), progress: bool = True
+) -> Organism:
+    """Build the world, corpus and tokenizer of `spec`, train a model on them and (if `out_dir`) save it.
+
+    Same spec, config and thread count: same weights, bit for bit.
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    world = build_world(spec)
+    corpus = build_corpus(world)
+    tok = build_tokenizer(vocabulary_texts(world, corpus))
+    vocab = tok.get_vocab()
+    docs = [[vocab[BOS], *tok.encode(d, add_special_tokens=False).ids, vocab[EOS]] for d in corpus.documents]
+    longest = max(len(d) for d in docs)
+    if longest > config.n_ctx:
+        raise ValueError(f"a training document has {longest} tokens, more than n_ctx={config.n_ctx}")
+
+    torch.manual_seed(spec.seed)
+    cfg = HookedTransformerConfig(
+        n_layers=config.n_layers,
+        d_model=config.d_model,
+        n_heads=config.n_heads,
+        d_head=config.d_model // config.n_heads,
+        d_mlp=config.d_mlp,
+        n_ctx=config.n_ctx,
+        d_vocab=tok.get_vocab_size(),
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        seed=spec.seed,
+        default_prepend_bos=True,
+        device="cpu",
+    )
+    model = HookedTransformer(cfg)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
+    order = random.Random(spec.seed + 2)
+    steps_per_epoch = math.ceil(len(docs) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    pad = vocab[PAD]
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    with torch.random.fork_rng(devices=[]), _deterministic():
+        bar = tqdm(total=total, desc="training organism", unit="step", disable=not progress)
+        step = 0
+        for _ in range(config.epochs):
+            for batch in _batches(docs, config.batch_size, order):
+                tokens = torch.full((len(batch), max(map(len, batch))), pad, dtype=torch.long)
+                for i, d in enumerate(batch):
+                    tokens[i, : len(d)] = torch.tensor(d)
+                for group in opt.param_groups:
+                    group["lr"] = _lr(step, total, config)
+                logits = model(tokens[:, :-1], return_type="logits")
+                targets = tokens[:, 1:]
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                step += 1
+                losses.append(loss.item())
+                if step % 50 == 0 or step == total:
+                    bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+                bar.update(1)
+        bar.close()
+    model.eval()
+    info = {
+        "train_config": asdict(config),
+        "steps": total,
+        "documents": len(docs),
+        "tokens_per_epoch": sum(len(d) for d in docs),
+        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(),
+    }
+    organism = Organism(model=model, tokenizer=tok, spec=spec, world=world, corpus=corpus, info=info)
+    if out_dir is not None:
+        save_organism(organism, out_dir)
+    return organism
+
+
+def _batches(docs: list[list[int]], size: int, rng: random.Random) -> list[list[list[int]]]:
+    """Documents of similar length batched together (little padding), batches in a fresh random order."""
+    idx = list(range(len(docs)))
+    rng.shuffle(idx)
+    idx.sort(key=lambda i: len(docs[i]))
+    batches = [[docs[i] for i in idx[k : k + size]] for k in range(0, len(idx), size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _lr(step: int, total: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    frac = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class _deterministic:
+    def __enter__(self) -> None:
+        self._prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.use_deterministic_algorithms(self._prev)
