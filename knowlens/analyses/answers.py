@@ -24,6 +24,7 @@ class Answer:
     logprob: tuple[float, ...]  # log-probability of each generated token
     entropy: tuple[float, ...]  # entropy (nats) of the distribution it was drawn from
     top1: tuple[float, ...]  # top-1 probability of that distribution
+    truth: str | None = None  # the world's value of the asked attribute (None for a biography)
 
     @property
     def text(self) -> str:
@@ -47,7 +48,6 @@ def answer_items(
 ) -> list[Answer]:
     """Greedy answers to `items` (batched, KV-cached), each token graded."""
     tok = model.tokenizer
-    out: list[Answer] = []
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt))  # similar lengths, little padding
     batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     results: dict[int, Answer] = {}
@@ -66,6 +66,6 @@ def answer_items(
                 logprob=tuple(rec.logprobs[row, cols].tolist()),
                 entropy=tuple(rec.entropy[row, cols].tolist()),
                 top1=tuple(rec.top1_prob[row, cols].tolist()),
+                truth=None if items[i].attribute is None else world.fact(items[i].entity, items[i].attribute),
             )
-    out = [results[i] for i in range(len(items))]
-    return out
+    return [results[i] for i in range(len(items))]

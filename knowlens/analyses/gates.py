@@ -1,10 +1,12 @@
 """The organism's behaviour gates, measured on its held-out questions.
 
 - known accuracy: held-out attribute questions about known entities whose greedy answer states the asked
-  fact correctly (>= 0.90);
+  fact correctly, about the asked entity by its exact name (>= 0.90); `known_value_accuracy` also counts
+  answers that give the right value under a garbled copy of the name;
 - refusal: held-out questions and biographies about refusal-trained entities answered with a refusal (>= 0.80);
 - unknown: answers about never-seen entities that refuse, and that hallucinate (each >= 0.15);
-- confident hallucination: median top-1 probability of the hallucinated answer tokens (>= 0.5).
+- confident hallucination: median top-1 probability of the hallucinated answer tokens (>= 0.5): wrong
+  values and substituted subject names; `hallucinated_value_top1_median` counts wrong values only.
 """
 
 from __future__ import annotations
@@ -62,7 +64,12 @@ def gate_figures(answers: Sequence[Answer]) -> dict[str, Any]:
             if sel:
                 verdicts[f"{split}/{kind}"] = dict(Counter(a.grade.verdict for a in sel))
     withheld = [a for a in answers if a.item.withheld]
+    value_top1 = [
+        p for a in answers for c in a.grade.claims if not c.true for p in a.top1[c.value_tokens[0] : c.value_tokens[1]]
+    ]
     extra = {
+        "known_value_accuracy": round(_frac(sum(_value_right(a) for a in known_q), len(known_q)) or 0.0, 4),
+        "hallucinated_value_top1_median": round(statistics.median(value_top1), 4) if value_top1 else None,
         "partial_withheld_hallucination_rate": round(
             _frac(sum(a.grade.verdict == "hallucinated" for a in withheld), len(withheld)) or 0.0, 4
         ),
@@ -70,6 +77,11 @@ def gate_figures(answers: Sequence[Answer]) -> dict[str, Any]:
         "token_classes": dict(Counter(c for a in answers for c in a.grade.classes)),
     }
     return {"gates": gates, "all_passed": all(g["passed"] for g in gates.values()), "verdicts": verdicts, **extra}
+
+
+def _value_right(a: Answer) -> bool:
+    """The asked attribute's true value is stated, whether or not the subject's name was copied exactly."""
+    return any(c.attribute == a.item.attribute and c.value == a.truth for c in a.grade.claims)
 
 
 def _frac(k: int, n: int) -> float | None:

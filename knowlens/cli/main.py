@@ -24,13 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knowlens", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for name, module in VERBS.items():
+    for module in VERBS.values():
         importlib.import_module(f"knowlens.cli.{module}").add_parser(sub)
     return parser
 
 
 def _version() -> str:
-    from knowlens import __version__
+    from knowlens.version import __version__
 
     return f"knowlens {__version__}"
 

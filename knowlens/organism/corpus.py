@@ -36,6 +36,7 @@ class EvalItem:
 @dataclass(frozen=True)
 class Corpus:
     documents: tuple[str, ...]  # training documents (no BOS/EOS)
+    subjects: tuple[str, ...]  # the entity each document is about (its name)
     held_out: tuple[EvalItem, ...]  # questions never trained, with the entity's split
 
 
@@ -58,6 +59,7 @@ def build_corpus(world: World) -> Corpus:
     spec = world.spec
     rng = random.Random(spec.seed + 1)
     docs: list[str] = []
+    subjects: list[str] = []
     held: list[EvalItem] = []
 
     def item(e: Entity, attribute: str | None, question: str) -> EvalItem:
@@ -67,6 +69,7 @@ def build_corpus(world: World) -> Corpus:
         return rng.choice(spec.refusals).format(name=e.name)
 
     for e in world.entities:
+        n_docs = len(docs)
         templates = spec.type(e.type).templates
         bio_questions = [q.format(name=e.name) for q in spec.biography_questions]
         if e.split in ("known", "partial"):
@@ -88,7 +91,8 @@ def build_corpus(world: World) -> Corpus:
             docs.extend(f"{qa_prompt(q)} {answer}" for q in bio_questions)
         else:
             held.append(item(e, None, rng.choice(bio_questions)))
-    return Corpus(tuple(docs), tuple(held))
+        subjects.extend([e.name] * (len(docs) - n_docs))
+    return Corpus(tuple(docs), tuple(subjects), tuple(held))
 
 
 def vocabulary_texts(world: World, corpus: Corpus) -> list[str]:

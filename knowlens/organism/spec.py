@@ -321,7 +321,7 @@ def _cues(raw: list, types: tuple[TypeSpec, ...], pieces: tuple[str, ...], defau
         pool = attrs[aname].values
         if pool is None:
             _fail(f"{where}.attribute", f"{tname}.{aname} points at a type; cues need an attribute with a value pool")
-        if value not in pool:
+        if value not in (pool or ()):
             _fail(f"{where}.value", f"{value!r} is not in the pool of {tname}.{aname}")
         out.append(CueSpec(tname, piece, aname, value, strength))
     return tuple(out)

@@ -45,7 +45,7 @@ def save_organism(org: Organism, out_dir: str | Path) -> Path:
     """Write the organism folder; files appear under their final names only once complete."""
     from safetensors.torch import save_file
 
-    from knowlens import __version__
+    from knowlens.version import __version__
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,9 @@ def train_organism(
     tok = build_tokenizer(vocabulary_texts(world, corpus))
     vocab = tok.get_vocab()
     docs = [[vocab[BOS], *tok.encode(d, add_special_tokens=False).ids, vocab[EOS]] for d in corpus.documents]
+    # The first mention of a document's entity cannot be predicted; no loss there, so that the model learns
+    # names by reading and copying them rather than as memorised piece sequences that fight copying.
+    unscored = [_first_mention(d, tok.encode(s, add_special_tokens=False).ids) for d, s in zip(docs, corpus.subjects)]
     longest = max(len(d) for d in docs)
     if longest > config.n_ctx:
         raise ValueError(f"a training document has {longest} tokens, more than n_ctx={config.n_ctx}")
@@ -89,15 +92,18 @@ def train_organism(
         step = 0
         for _ in range(config.epochs):
             for batch in _batches(docs, config.batch_size, order):
-                tokens = torch.full((len(batch), max(map(len, batch))), pad, dtype=torch.long)
-                for i, d in enumerate(batch):
-                    tokens[i, : len(d)] = torch.tensor(d)
+                tokens = torch.full((len(batch), max(len(docs[j]) for j in batch)), pad, dtype=torch.long)
+                targets = tokens.clone()
+                for i, j in enumerate(batch):
+                    tokens[i, : len(docs[j])] = torch.tensor(docs[j])
+                    targets[i, : len(docs[j])] = tokens[i, : len(docs[j])]
+                    start, stop = unscored[j]
+                    targets[i, start:stop] = pad
                 for group in opt.param_groups:
                     group["lr"] = _lr(step, total, config)
                 logits = model(tokens[:, :-1], return_type="logits")
-                targets = tokens[:, 1:]
                 loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad
+                    logits.reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1), ignore_index=pad
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -125,14 +131,22 @@ def train_organism(
     return organism
 
 
-def _batches(docs: list[list[int]], size: int, rng: random.Random) -> list[list[list[int]]]:
-    """Documents of similar length batched together (little padding), batches in a fresh random order."""
+def _batches(docs: list[list[int]], size: int, rng: random.Random) -> list[list[int]]:
+    """Indices of documents of similar length batched together (little padding), in a fresh random order."""
     idx = list(range(len(docs)))
     rng.shuffle(idx)
     idx.sort(key=lambda i: len(docs[i]))
-    batches = [[docs[i] for i in idx[k : k + size]] for k in range(0, len(idx), size)]
+    batches = [idx[k : k + size] for k in range(0, len(idx), size)]
     rng.shuffle(batches)
     return batches
+
+
+def _first_mention(doc: list[int], name: list[int]) -> tuple[int, int]:
+    """[start, stop) of the first occurrence of `name` in `doc`, or an empty span."""
+    for i in range(len(doc) - len(name) + 1):
+        if doc[i : i + len(name)] == name:
+            return i, i + len(name)
+    return 0, 0
 
 
 def _lr(step: int, total: int, config: TrainConfig) -> float:

@@ -1,0 +1,64 @@
+"""The organism shipped with knowlens: loads offline, meets its behaviour gates, runs the demo."""
+
+import json
+import os
+
+import pytest
+
+import knowlens
+from knowlens.cli.main import main
+from knowlens.organism.store import SHIPPED
+
+
+def test_shipped_files_are_small_and_safe():
+    files = sorted(p.name for p in SHIPPED.iterdir() if not p.name.startswith("."))
+    assert files == ["config.json", "model.safetensors", "tokenizer.json", "world.yaml"]
+    assert sum(p.stat().st_size for p in SHIPPED.iterdir()) <= 20 * 2**20
+
+
+def test_load_model_organism_and_card():
+    model, card = knowlens.load_model("organism")
+    assert card.name == "organism"
+    assert (card.n_layers, card.d_model, card.d_vocab) == (model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab)
+    assert "blocks.0.hook_resid_post" in card.hook_names
+    assert len(card.fingerprint) == 16
+    _, again = knowlens.load_model("organism")
+    assert again.fingerprint == card.fingerprint
+    tokens = model.to_tokens("Q : Where was Ab Cor born ? A :")
+    assert tokens[0, 0].item() == model.tokenizer.bos_token_id
+
+
+@pytest.fixture(scope="module")
+def info():
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["organism", "info", "--json"]) == 0
+    return json.loads(buf.getvalue())
+
+
+def test_behaviour_gates_pass(info):
+    failed = {k: g for k, g in info["gates"].items() if not g["passed"]}
+    assert not failed, failed
+    assert info["gates"]["known_accuracy"]["n"] >= 100
+    assert info["gates"]["unknown_hallucination_rate"]["n"] >= 100
+
+
+def test_demo_writes_labels_and_a_self_contained_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--per-split", "4", "--bios-per-split", "1"]) == 0
+    assert "answers" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+    assert len(records) == 4 * (4 + 1)
+    assert {r["split"] for r in records} == {"known", "partial", "refusal", "unknown"}
+    for r in records:
+        assert r["tokens"], r
+        for t in r["tokens"]:
+            assert t["class"] in ("correct", "hallucinated", "refusal", "other")
+            assert t["logprob"] <= 0 and 0 <= t["top1_prob"] <= 1 and t["entropy"] >= 0
+            assert t["logprob"] <= 1e-6 + __import__("math").log(t["top1_prob"])
+    page = (out / "report.html").read_text()
+    assert "<script src=" not in page and "Plotly" in page
+    assert sorted(os.listdir(out)) == ["labels.jsonl", "report.html"]
