@@ -59,6 +59,7 @@ def save_organism(org: Organism, out_dir: str | Path) -> Path:
         (tmp / "tokenizer.json").write_text(org.tokenizer.to_str(pretty=False))
         (tmp / "world.yaml").write_text(_spec_yaml(org.spec))
         for name in FILES:
+            (tmp / name).chmod(0o644)
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
