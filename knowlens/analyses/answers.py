@@ -54,7 +54,7 @@ def answer_items(
     for batch in tqdm(batches, desc="answering", unit="batch", disable=not progress):
         prompts = [items[i].prompt for i in batch]
         limit = min(max_new_tokens, model.cfg.n_ctx - max(len(model.to_tokens(p)[0]) for p in prompts))
-        rec = generate(model, prompts, hooks=("hook_embed",), max_new_tokens=limit)
+        rec = generate(model, prompts, hooks=(), max_new_tokens=limit)
         for row, i in enumerate(batch):
             cols = rec.generated_mask[row].nonzero().flatten()
             ids = rec.tokens[row, cols].tolist()
@@ -66,6 +66,10 @@ def answer_items(
                 logprob=tuple(rec.logprobs[row, cols].tolist()),
                 entropy=tuple(rec.entropy[row, cols].tolist()),
                 top1=tuple(rec.top1_prob[row, cols].tolist()),
-                truth=None if items[i].attribute is None else world.fact(items[i].entity, items[i].attribute),
+                truth=_truth(world, items[i]),
             )
     return [results[i] for i in range(len(items))]
+
+
+def _truth(world: World, item: EvalItem) -> str | None:
+    return None if item.attribute is None else world.fact(item.entity, item.attribute)
