@@ -1,6 +1,7 @@
 """The organism shipped with knowlens: loads offline, meets its behaviour gates, runs the demo."""
 
 import json
+import math
 import os
 
 import pytest
@@ -58,7 +59,7 @@ def test_demo_writes_labels_and_a_self_contained_report(tmp_path, capsys):
         for t in r["tokens"]:
             assert t["class"] in ("correct", "hallucinated", "refusal", "other")
             assert t["logprob"] <= 0 and 0 <= t["top1_prob"] <= 1 and t["entropy"] >= 0
-            assert t["logprob"] <= 1e-6 + __import__("math").log(t["top1_prob"])
+            assert t["logprob"] <= 1e-4 + math.log(t["top1_prob"])  # the chosen token is at most the top-1 (values rounded to 5 places)
     page = (out / "report.html").read_text()
     assert "<script src=" not in page and "Plotly" in page
     assert sorted(os.listdir(out)) == ["labels.jsonl", "report.html"]
