@@ -30,17 +30,15 @@ def run(args: argparse.Namespace) -> int:
 
     from knowlens.analyses.answers import answer_items
     from knowlens.analyses.report import summary_text, write_labels, write_report
-    from knowlens.errors import KnowlensError, ModelLoadError
-    from knowlens.organism.store import SHIPPED, load_organism
+    from knowlens.errors import KnowlensError
+    from knowlens.organism.store import load_organism, organism_path
 
     if args.per_split < 0 or args.bios_per_split < 0 or args.per_split + args.bios_per_split == 0:
         raise KnowlensError("--per-split and --bios-per-split must be >= 0 and not both 0")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise KnowlensError(f"--out {out}: exists and is not a folder")
-    path = SHIPPED if args.model == "organism" else Path(args.model)
-    if not path.is_dir():
-        raise ModelLoadError(f"--model {args.model}: not 'organism' nor an organism folder")
+    path = organism_path(args.model)
     start = time.perf_counter()
     org = load_organism(path)
     rng = random.Random(0)

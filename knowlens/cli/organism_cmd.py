@@ -74,13 +74,10 @@ def run_train(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from knowlens.analyses.answers import answer_items
     from knowlens.analyses.gates import gate_figures
-    from knowlens.errors import ModelLoadError
     from knowlens.models import model_card
-    from knowlens.organism.store import SHIPPED, load_organism
+    from knowlens.organism.store import load_organism, organism_path
 
-    path = SHIPPED if args.model == "organism" else Path(args.model)
-    if not path.is_dir():
-        raise ModelLoadError(f"--model {args.model}: not 'organism' nor an organism folder")
+    path = organism_path(args.model)
     org = load_organism(path)
     card = model_card(org.model, args.model)
     answers = answer_items(org.model, org.world, org.corpus.held_out, progress=not args.json)

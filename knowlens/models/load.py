@@ -62,13 +62,10 @@ def load_model(name: str = "organism", *, device: str = "cpu", probe_timeout: fl
       fails within ``probe_timeout`` seconds with a `ModelLoadError`, instead of retrying for ~20 s.
     """
     if name == "organism" or Path(name).is_dir():
-        from knowlens.organism.store import SHIPPED, load_organism
+        from knowlens.organism.store import load_organism, organism_path
 
-        path = SHIPPED if name == "organism" else Path(name)
-        if name == "organism" and not (path / "model.safetensors").is_file():
-            raise ModelLoadError("the shipped organism is missing from this install (knowlens/organism/data/)")
-        org = load_organism(path, device=device)
-        return org.model, model_card(org.model, "organism" if name == "organism" else str(path))
+        org = load_organism(organism_path(name), device=device)
+        return org.model, model_card(org.model, name)
     return _load_transformer_lens(name, device=device, probe_timeout=probe_timeout)
 
 

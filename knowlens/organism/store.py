@@ -41,6 +41,16 @@ class Organism:
     info: dict = field(default_factory=dict)
 
 
+def organism_path(name: str) -> Path:
+    """The folder of ``"organism"`` (the shipped one) or of an organism folder a user names."""
+    path = SHIPPED if name == "organism" else Path(name)
+    if name == "organism" and not (path / "model.safetensors").is_file():
+        raise ModelLoadError("the shipped organism is missing from this install (knowlens/organism/data/)")
+    if not path.is_dir():
+        raise ModelLoadError(f"{name}: not 'organism' nor an organism folder")
+    return path
+
+
 def save_organism(org: Organism, out_dir: str | Path) -> Path:
     """Write the organism folder; files appear under their final names only once complete."""
     from safetensors.torch import save_file
@@ -142,4 +152,4 @@ def _spec_yaml(spec: WorldSpec) -> str:
     return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
 
 
-__all__ = ["Organism", "save_organism", "load_organism", "SHIPPED", "KnowlensError"]
+__all__ = ["Organism", "organism_path", "save_organism", "load_organism", "SHIPPED", "KnowlensError"]
