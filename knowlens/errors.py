@@ -15,3 +15,7 @@ class HookNameError(KnowlensError):
 
 class ModelLoadError(KnowlensError):
     """A model could not be loaded (unknown name, weights not fetchable offline, bad files)."""
+
+
+class KnowlensWarning(UserWarning):
+    """Something the user should know that does not stop the work (a redone shard, unknown words)."""

@@ -88,3 +88,29 @@ def tiny_world_raw(**overrides: Any) -> dict[str, Any]:
     }
     raw.update(overrides)
     return raw
+
+
+WORDS = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(46)]
+
+
+def word_level_model():
+    """A random-weight HookedTransformer with a 50-word tokenizer (pad 0, bos 1, eos 2), offline."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        name_or_path="knowlens-test-words",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        add_bos_token=True,
+    )
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(**DEFAULT_MODEL_CFG, device="cpu"), tokenizer=fast)
+    return model.eval()

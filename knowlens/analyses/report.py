@@ -15,6 +15,20 @@ from knowlens.analyses.answers import Answer
 
 CLASS_CODES = {"correct": 0, "other": 1, "refusal": 2, "hallucinated": 3}
 CLASS_COLOURS = ["#2ca02c", "#d9d9d9", "#1f77b4", "#d62728"]
+# plotly.js config: no plotly.com logo link, no cloud button, no TeX typesetting, no topojson CDN.
+OFFLINE_CONFIG = {
+    "displaylogo": False,
+    "showSendToCloud": False,
+    "typesetMath": False,
+    "topojsonURL": "",
+}
+STYLE = (
+    "body{font-family:sans-serif;margin:1em 2em}"
+    ".class-legend{display:flex;flex-wrap:wrap;gap:.4em 1.4em;margin:.2em 0 .4em;font-size:14px}"
+    ".class-legend .item{display:inline-flex;align-items:center;gap:.4em}"
+    ".class-legend .swatch{display:inline-block;width:1.1em;height:1.1em;border:1px solid #888}"
+)
+MEDIAN_MAX_DECIMALS = 7  # float32 resolution near 1 (1 - 2**-23 = 0.99999988)
 
 
 def answer_record(a: Answer) -> dict[str, Any]:
@@ -35,19 +49,24 @@ def answer_record(a: Answer) -> dict[str, Any]:
     }
 
 
-def write_labels(answers: Sequence[Answer], path: str | Path) -> Path:
-    return _atomic_write(Path(path), "".join(json.dumps(answer_record(a)) + "\n" for a in answers))
+def write_labels(answers: Sequence[Answer], path: str | Path, *, model: dict[str, str] | None = None) -> Path:
+    """One JSON record per answer (docs/formats.md); ``model`` (name and fingerprints) goes into each record."""
+    extra = {"model": model} if model is not None else {}
+    return _atomic_write(Path(path), "".join(json.dumps({**answer_record(a), **extra}) + "\n" for a in answers))
 
 
 def write_report(answers: Sequence[Answer], path: str | Path, *, title: str = "knowlens demo") -> Path:
-    """One HTML file (plotly.js inlined): answers as rows of tokens, coloured by top-1 probability and by
-    grader class; hovering a token shows its class, log-probability, entropy and top-1 probability."""
+    """One self-contained HTML file (plotly.js inlined; it fetches nothing: no CDN, MathJax, fonts or map
+    tiles): answers as rows of tokens, coloured by top-1 probability (continuous colour bar) and by grader
+    class (categorical legend of swatches); hovering a token shows its class, log-probability, entropy and
+    top-1 probability."""
     import plotly.graph_objects as go
 
     rows = list(answers)
     width = max(len(a.tokens) for a in rows)
     labels = [f"{a.item.split} · {_short(a.item.prompt[4:-4])}" for a in rows]
-    text = [[*a.tokens, *[""] * (width - len(a.tokens))] for a in rows]
+    # escaped: plotly reads "<eos>" as a tag and would drop it
+    text = [[*map(html.escape, a.tokens), *[""] * (width - len(a.tokens))] for a in rows]
     top1 = [[*a.top1, *[None] * (width - len(a.tokens))] for a in rows]
     cls = [[CLASS_CODES[c] for c in a.grade.classes] + [None] * (width - len(a.tokens)) for a in rows]
     custom = [
@@ -62,36 +81,42 @@ def write_report(answers: Sequence[Answer], path: str | Path, *, title: str = "k
     hover = "<b>%{text}</b><br>class: %{customdata[0]}<br>log p: %{customdata[1]}<br>entropy: %{customdata[2]}<br>top-1 p: %{customdata[3]}<extra>%{y}</extra>"
     height = 120 + 22 * len(rows)
 
-    def grid(z, colorscale, zmin, zmax, colorbar) -> str:
+    def grid(z, colorscale, zmin, zmax, colorbar, div_id) -> str:
         fig = go.Figure(
             go.Heatmap(
                 z=z, text=text, customdata=custom, texttemplate="%{text}", textfont={"size": 10},
                 hovertemplate=hover, colorscale=colorscale, zmin=zmin, zmax=zmax, colorbar=colorbar,
-                xgap=1, ygap=1, y=labels,
+                showscale=colorbar is not None, xgap=1, ygap=1, y=labels,
             )
         )  # fmt: skip
-        fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, yaxis={"autorange": "reversed"})
+        fig.update_layout(
+            height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, yaxis={"autorange": "reversed"}
+        )
         fig.update_xaxes(showticklabels=False)
-        return fig.to_html(full_html=False, include_plotlyjs=False)
+        return fig.to_html(
+            full_html=False,
+            include_plotlyjs=False,
+            include_mathjax=False,
+            config=OFFLINE_CONFIG,
+            div_id=div_id,
+        )
 
-    class_scale = [[i / 3, c] for i, c in enumerate(CLASS_COLOURS)]
-    class_bar = {"tickvals": [0, 1, 2, 3], "ticktext": list(CLASS_CODES), "title": "class"}
+    counts = Counter(c for a in rows for c in a.grade.classes)
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f"<pre>{html.escape(summary_text(rows))}</pre>",
         "<h2>Tokens coloured by top-1 probability (stated confidence)</h2>",
-        grid(top1, "RdYlGn", 0.0, 1.0, {"title": "top-1 p"}),
+        grid(top1, "RdYlGn", 0.0, 1.0, {"title": "top-1 p"}, "top1-heatmap"),
         "<h2>Tokens coloured by ground truth (grader class)</h2>",
-        grid(cls, class_scale, 0, 3, class_bar),
+        _class_legend(counts),
+        grid(cls, _stepped_scale(CLASS_COLOURS), -0.5, len(CLASS_CODES) - 0.5, None, "class-heatmap"),
     ]
     from plotly.offline import get_plotlyjs
 
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><script type='text/javascript'>{get_plotlyjs()}</script>"
-        "<style>body{font-family:sans-serif;margin:1em 2em}</style></head><body>"
-        + "\n".join(parts)
-        + "</body></html>"
+        f"<style>{STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>"
     )
     return _atomic_write(Path(path), page)
 
@@ -104,7 +129,7 @@ def summary(answers: Sequence[Answer]) -> dict[str, Any]:
     for c in CLASS_CODES:
         vals = [p for a in answers for k, p in zip(a.grade.classes, a.top1) if k == c]
         if vals:
-            top1_by_class[c] = round(statistics.median(vals), 3)
+            top1_by_class[c] = round(statistics.median(vals), MEDIAN_MAX_DECIMALS)
     return {
         "answers": len(answers),
         "tokens": sum(len(a.tokens) for a in answers),
@@ -120,11 +145,42 @@ def summary_text(answers: Sequence[Answer]) -> str:
     for split, v in s["verdicts_by_split"].items():
         lines.append(f"  {split:<8} " + ", ".join(f"{k} {n}" for k, n in sorted(v.items())))
     lines.append("token classes: " + ", ".join(f"{k} {n}" for k, n in sorted(s["token_classes"].items())))
+    medians = s["median_top1_by_class"]
+    d = _decimals(list(medians.values()))
     lines.append(
-        "median top-1 probability by class: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in s["median_top1_by_class"].items())
+        "median top-1 probability by class: " + ", ".join(f"{k} {v:.{d}f}" for k, v in medians.items())
     )
     return "\n".join(lines)
+
+
+def _decimals(values: Sequence[float], lo: int = 2, hi: int = MEDIAN_MAX_DECIMALS) -> int:
+    """The fewest decimals (lo..hi) at which different values print differently and no value short of 1 (or
+    above 0) prints as 1 (or 0): medians of a confident model crowd against 1.00."""
+    for d in range(lo, hi):
+        shown = {v: f"{v:.{d}f}" for v in values}
+        one, zero = f"{1:.{d}f}", f"{0:.{d}f}"
+        if (
+            len(set(shown.values())) == len(shown)
+            and all(t != one for v, t in shown.items() if v < 1)
+            and all(t != zero for v, t in shown.items() if v > 0)
+        ):
+            return d
+    return hi
+
+
+def _stepped_scale(colours: Sequence[str]) -> list[list[Any]]:
+    """A colour scale of flat bands, one per class code (with zmin/zmax at -0.5 / n - 0.5): no blends."""
+    n = len(colours)
+    return [[(i + j) / n, c] for i, c in enumerate(colours) for j in (0, 1)]
+
+
+def _class_legend(counts: Counter[str]) -> str:
+    items = "".join(
+        f"<span class='item' data-class='{k}'><span class='swatch' style='background:{c}'></span>"
+        f"{k} <small>({counts.get(k, 0)} tokens)</small></span>"
+        for k, c in zip(CLASS_CODES, CLASS_COLOURS)
+    )
+    return f"<div class='class-legend' aria-label='grader class legend'>{items}</div>"
 
 
 def _short(text: str, n: int = 48) -> str:

@@ -22,6 +22,7 @@ from knowlens.capture.prompts import PromptsArg, eos_token_ids, left_pad, pad_to
 from knowlens.capture.record import ActivationRecord
 from knowlens.capture.sampling import choose_next, next_token_stats
 from knowlens.errors import KnowlensError
+from knowlens.fingerprint import model_identity
 from knowlens.types import Bool, Float, Int, Tensor
 
 
@@ -127,7 +128,8 @@ def generate(
             "top_p": str(top_p),
             "seed": str(seed),
             "stop_at_eos": str(stop_at_eos),
-        }
+        },
+        model=model_identity(model),
     )
 
 
@@ -236,7 +238,7 @@ class _Loop:
                 if (step + 1) % check_eos_every == 0 and bool(finished.all()):
                     break
 
-    def to_record(self, *, meta: dict[str, str]) -> ActivationRecord:
+    def to_record(self, *, meta: dict[str, str], model: dict[str, str]) -> ActivationRecord:
         real = self.prompt_mask | self.generated_mask
         n_cols = self.n_cols
         if n_cols > self.prompt_len + 1:  # drop trailing all-pad columns (steps run after every row stopped)
@@ -261,6 +263,7 @@ class _Loop:
             pad_token_id=self.pad_id,
             eos_token_ids=self.eos,
             meta=meta,
+            model=model,
         )
 
 

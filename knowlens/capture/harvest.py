@@ -2,15 +2,18 @@
 
 Each batch runs the model up to the last layer a requested hook needs (``stop_at_layer``); hooks copy
 into a shard buffer preallocated on the model's device, which is moved to the host once per shard and
-written to a temporary name, then ``os.replace``d into place, and only then listed in ``index.json``.
-An interrupted harvest therefore leaves only whole shards behind, and running the same call again skips
-them (after checking their token hashes) and continues with the next shard.
+written to a temporary name, then ``os.replace``d into place, and only then listed in ``index.json``
+(with its size and checksum). An interrupted harvest therefore leaves only whole shards behind, and
+running the same call again verifies them (token hashes, sizes, checksums), redoes any that are damaged,
+and continues with the next shard.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
@@ -24,12 +27,15 @@ from knowlens.capture.harvest_index import (
     INDEX_NAME,
     HarvestIndex,
     ShardInfo,
+    file_sha256,
     human_bytes,
     model_fingerprint,
     tokens_sha256,
 )
 from knowlens.capture.hooks import stop_layer_for, validate_hook_names
-from knowlens.errors import KnowlensError
+from knowlens.errors import KnowlensError, KnowlensWarning
+from knowlens.fingerprint import check_same_model
+from knowlens.outputs import atomic_write, check_output_dir
 from knowlens.types import Int, Tensor
 
 TokenSource = Tensor | Iterable[Sequence[int]] | Iterable[Tensor]
@@ -45,6 +51,7 @@ def harvest(
     shard_tokens: int = 1 << 20,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> HarvestIndex:
     """Capture ``hooks`` on every token of ``token_source`` and write them to ``out_dir`` as shards.
 
@@ -57,18 +64,26 @@ def harvest(
             (``HarvestIndex.bytes_per_row``, ``expected_bytes``), known before any shard is written.
         dtype: store activations in this dtype (e.g. ``torch.float16``); default: as the model computes them.
         progress: show a tqdm bar (rows), whose label gives the expected size on disk.
+        overwrite: delete a harvest already in ``out_dir`` and start again (default: resume it).
 
     Returns the final `HarvestIndex` (also in ``out_dir/index.json``). Raises KnowlensError for bad
-    input, or if ``out_dir`` holds a harvest of other hooks, settings, model shape or tokens.
+    input, or if ``out_dir`` holds a harvest of other hooks, settings, model weights or tokens. On resume,
+    every listed shard's size and checksum are verified; bad shards are redone, with a `KnowlensWarning`.
+    Everything is checked before the first forward pass; a run that fails before writing a shard leaves
+    no folder and no index behind.
     """
     names = validate_hook_names(model, hooks)
     if not names:
         raise KnowlensError("name at least one hook to harvest (e.g. blocks.0.hook_resid_post)")
     if batch_size < 1 or shard_tokens < 1:
         raise KnowlensError(f"batch_size and shard_tokens must be >= 1 (got {batch_size}, {shard_tokens})")
+    check_output_dir(out_dir, flag="out_dir")
     rows_iter, n_rows, first = _open_source(token_source)
     seq_len = int(first.numel())
     _check_row(model, first, 0, seq_len)
+    if isinstance(token_source, (torch.Tensor, Sequence)):  # in memory: check every row before any work
+        for _ in _chunks((torch.as_tensor(r) for r in token_source), 4096, model, seq_len):
+            pass
     device = model.embed.W_E.device
     stop = stop_layer_for(model, names)
     shapes, act_dtype = _probe(model, first.to(device), names, stop)
@@ -86,11 +101,19 @@ def harvest(
         n_rows=n_rows,
         model=model_fingerprint(model),
     )
-    index = _resume_or_start(plan)
-    index.write()
+    index, redo = _resume_or_start(plan, overwrite=overwrite)
+    for i, why in redo.items():
+        warnings.warn(
+            f"{index.out_dir}: shard {i} ({index.shards[i].file}) is {why}; redoing it", KnowlensWarning, stacklevel=2
+        )
 
     from tqdm.auto import tqdm
 
+    created = not index.out_dir.exists()
+    index.out_dir.mkdir(exist_ok=True)
+    _remove_stale_temporaries(index.out_dir)  # left by a run that was killed mid-write
+    if overwrite:
+        _remove_harvest_files(index.out_dir)
     bar = tqdm(
         total=n_rows,
         unit="row",
@@ -108,25 +131,27 @@ def harvest(
         with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
             for chunk in _chunks(itertools.chain([first], rows_iter), index.rows_per_shard, model, seq_len):
                 digest = tokens_sha256(chunk)
-                if shard_no < len(index.shards):
-                    if index.shards[shard_no].tokens_sha256 != digest or index.shards[shard_no].rows != len(
-                        chunk
-                    ):
-                        raise KnowlensError(
-                            f"{index.out_dir} holds a harvest of other tokens (shard {shard_no} differs); "
-                            "use another output folder"
-                        )
-                else:
+                listed = shard_no < len(index.shards)
+                if listed and (index.shards[shard_no].tokens_sha256 != digest or index.shards[shard_no].rows != len(chunk)):
+                    raise KnowlensError(
+                        f"{index.out_dir} holds a harvest of other tokens (shard {shard_no} differs); "
+                        "use another output folder or --overwrite"
+                    )
+                if not listed or shard_no in redo:
                     _run_chunk(model, chunk.to(device), batch_size, stop, window)
-                    index = index.with_shard(_write_shard(index, shard_no, chunk, buffers, digest))
+                    index = index.with_shard(shard_no, _write_shard(index, shard_no, chunk, buffers, digest))
                     index.write()
                 bar.update(len(chunk))
                 shard_no += 1
+    except BaseException:
+        if created and not index.shards:  # nothing worth resuming: leave no folder behind
+            shutil.rmtree(index.out_dir, ignore_errors=True)
+        raise
     finally:
         bar.close()
     if shard_no < len(index.shards):
         raise KnowlensError(
-            f"{index.out_dir} holds more rows than this token source; use another output folder"
+            f"{index.out_dir} holds more rows than this token source; use another output folder or --overwrite"
         )
     index = index.finished()
     index.write()
@@ -235,34 +260,53 @@ def _write_shard(
         tensors[name] = buf[:rows].to("cpu").contiguous()
     name = f"shard_{shard_no:05d}.safetensors"
     path = index.out_dir / name
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"shard": str(shard_no), "tokens_sha256": digest})
-    os.replace(tmp, path)
-    return ShardInfo(file=name, rows=rows, tokens_sha256=digest)
+    sums: dict[str, str | int] = {}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={"shard": str(shard_no), "tokens_sha256": digest})
+        sums.update(bytes=tmp.stat().st_size, sha256=file_sha256(tmp))
+
+    atomic_write(path, write)
+    return ShardInfo(file=name, rows=rows, tokens_sha256=digest, bytes=int(sums["bytes"]), sha256=str(sums["sha256"]))
 
 
-def _resume_or_start(plan: HarvestIndex) -> HarvestIndex:
-    """The existing index of ``plan.out_dir`` if it describes the same harvest, else ``plan``.
+def _resume_or_start(plan: HarvestIndex, *, overwrite: bool) -> tuple[HarvestIndex, dict[int, str]]:
+    """The harvest to continue in ``plan.out_dir`` and the listed shards to redo (index -> why).
 
-    Shards listed but missing on disk are dropped (with every shard after them) and redone.
+    Raises KnowlensError (before anything is written) if the folder holds a harvest of other hooks,
+    settings or model weights, or shards without an index; ``overwrite`` starts afresh instead.
     """
-    if not (plan.out_dir / INDEX_NAME).exists():
-        if plan.out_dir.exists() and any(plan.out_dir.glob("shard_*.safetensors")):
-            raise KnowlensError(f"{plan.out_dir} holds shards but no {INDEX_NAME}; use another output folder")
-        return plan
-    old = HarvestIndex.read(plan.out_dir)
-    for field in ("hooks", "dtype", "seq_len", "rows_per_shard", "shapes", "model"):
+    out = plan.out_dir
+    if overwrite or not (out / INDEX_NAME).exists():
+        if not overwrite and out.is_dir() and any(out.glob("shard_*.safetensors")):
+            raise KnowlensError(f"{out} holds shards but no {INDEX_NAME}; use another output folder or --overwrite")
+        return plan, {}
+    old = HarvestIndex.read(out)
+    check_same_model(
+        {"name": old.model.get("model_name"), "fingerprint": old.model.get("fingerprint")},
+        {"name": plan.model.get("model_name"), "fingerprint": plan.model.get("fingerprint")},
+        what=f"the harvest in {out}",
+        error=KnowlensError,
+    )
+    for field in ("hooks", "dtype", "seq_len", "rows_per_shard", "shapes"):
         if getattr(old, field) != getattr(plan, field):
             raise KnowlensError(
-                f"{plan.out_dir} holds a harvest with another {field} ({getattr(old, field)} vs "
-                f"{getattr(plan, field)}); use another output folder"
+                f"{out} holds a harvest with another {field} ({getattr(old, field)} vs "
+                f"{getattr(plan, field)}); use another output folder or --overwrite"
             )
-    shards: list[ShardInfo] = []
-    for shard in old.shards:
-        if not (plan.out_dir / shard.file).is_file():
-            break
-        shards.append(shard)
-    return replace(plan, shards=tuple(shards))
+    redo = {i: why for i in range(len(old.shards)) if (why := old.shard_problem(i)) is not None}
+    return replace(plan, shards=old.shards), redo
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    for pattern in (".shard_*.tmp", f".{INDEX_NAME}.*.tmp", "shard_*.safetensors.tmp"):
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def _remove_harvest_files(out: Path) -> None:
+    for path in [out / INDEX_NAME, *out.glob("shard_*.safetensors")]:
+        path.unlink(missing_ok=True)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

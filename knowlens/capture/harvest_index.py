@@ -8,8 +8,10 @@ Folder layout::
 
 Every shard but the last holds ``rows_per_shard`` rows; shard ``k`` holds source rows
 ``[k * rows_per_shard, k * rows_per_shard + rows)``. Each shard records the SHA-256 of its token rows, so
-a resumed harvest can check that it reads the same data; the source fingerprint is the SHA-256 of those
-hashes, set once the harvest is complete.
+a resumed harvest can check that it reads the same data, and the size and SHA-256 of its file, so a resume
+can check that the shard is whole (a truncated or altered shard is redone); the source fingerprint is the
+SHA-256 of the token hashes, set once the harvest is complete. ``model`` holds the model's weight
+``fingerprint`` and ``shape_fingerprint`` (knowlens.fingerprint): a resume with other weights is refused.
 """
 
 from __future__ import annotations
@@ -26,20 +28,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from knowlens.errors import KnowlensError
+from knowlens.fingerprint import shape_fingerprint, weights_fingerprint
+from knowlens.outputs import atomic_write_text
 from knowlens.types import Int, Tensor
 
 INDEX_NAME = "index.json"
 FORMAT = "knowlens.activation_harvest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One finished shard: file name (relative to the folder), row count, SHA-256 of its token rows."""
+    """One finished shard: file name (relative to the folder), row count, SHA-256 of its token rows,
+    and the size in bytes and SHA-256 of the shard file itself."""
 
     file: str
     rows: int
     tokens_sha256: str
+    bytes: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -90,13 +97,25 @@ class HarvestIndex:
     def write(self) -> None:
         """Write ``index.json`` atomically (temp file, then ``os.replace``)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / INDEX_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(self.out_dir / INDEX_NAME, json.dumps(self.to_json(), indent=1) + "\n")
 
-    def with_shard(self, shard: ShardInfo) -> HarvestIndex:
-        return replace(self, shards=(*self.shards, shard))
+    def with_shard(self, i: int, shard: ShardInfo) -> HarvestIndex:
+        """This index with shard ``i`` set to ``shard`` (appended when ``i`` is the next shard)."""
+        if i == len(self.shards):
+            return replace(self, shards=(*self.shards, shard))
+        return replace(self, shards=(*self.shards[:i], shard, *self.shards[i + 1 :]))
+
+    def shard_problem(self, i: int) -> str | None:
+        """Why shard ``i``'s file is not the one the index recorded (missing, size, checksum), or None."""
+        info, path = self.shards[i], self.shard_path(i)
+        if not path.is_file():
+            return "missing"
+        size = path.stat().st_size
+        if size != info.bytes:
+            return f"{size} bytes, expected {info.bytes}"
+        if file_sha256(path) != info.sha256:
+            return "checksum differs"
+        return None
 
     def finished(self) -> HarvestIndex:
         digest = hashlib.sha256("".join(s.tokens_sha256 for s in self.shards).encode()).hexdigest()
@@ -107,9 +126,14 @@ class HarvestIndex:
         """Parse ``out_dir/index.json``; KnowlensError (one line, naming the file) if it is missing or bad."""
         path = Path(out_dir) / INDEX_NAME
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("format") != FORMAT:
                 raise ValueError(f"not a knowlens harvest index (format={data.get('format')!r})")
+            if data.get("format_version") != FORMAT_VERSION:
+                raise ValueError(
+                    f"format version {data.get('format_version')}, this knowlens reads {FORMAT_VERSION} "
+                    "(version 1 had no weight fingerprint or shard checksums); harvest into a new folder"
+                )
             return cls(
                 out_dir=Path(out_dir),
                 hooks=tuple(data["hooks"]),
@@ -121,7 +145,8 @@ class HarvestIndex:
                 n_rows=None if data["n_rows"] is None else int(data["n_rows"]),
                 model=dict(data["model"]),
                 shards=tuple(
-                    ShardInfo(str(s["file"]), int(s["rows"]), str(s["tokens_sha256"])) for s in data["shards"]
+                    ShardInfo(str(s["file"]), int(s["rows"]), str(s["tokens_sha256"]), int(s["bytes"]), str(s["sha256"]))
+                    for s in data["shards"]
                 ),
                 complete=bool(data["complete"]),
                 source_fingerprint=data.get("source_fingerprint"),
@@ -137,6 +162,14 @@ def tokens_sha256(rows: Int[Tensor, "rows seq"]) -> str:
     return hashlib.sha256(rows.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def model_fingerprint(model: Any) -> dict[str, Any]:
     """What must match for a resumed harvest to continue one made by another model instance."""
     cfg = model.cfg
@@ -146,6 +179,8 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
         "d_model": int(cfg.d_model),
         "d_vocab": int(cfg.d_vocab),
         "n_ctx": int(cfg.n_ctx),
+        "fingerprint": weights_fingerprint(model),
+        "shape_fingerprint": shape_fingerprint(model),
     }
 
 

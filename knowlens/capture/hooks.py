@@ -11,6 +11,7 @@ Two layouts of captured tensor exist:
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -53,6 +54,57 @@ def validate_hook_names(model: Any, names: Iterable[str]) -> tuple[str, ...]:
         if name not in out:
             out.append(name)
     return tuple(out)
+
+
+def check_hook_syntax(names: Iterable[str], *, n_layers: int | None = None) -> tuple[str, ...]:
+    """Check hook names before any model is loaded: each must be a TransformerLens hook point name (and,
+    when ``n_layers`` is known, name an existing block). Returns them deduplicated, in order.
+
+    The loaded model's `validate_hook_names` still checks the exact set (config-dependent hooks).
+    """
+    if isinstance(names, str):
+        names = [names]
+    generic = _generic_hook_names()
+    out: list[str] = []
+    for name in names:
+        if not isinstance(name, str):
+            raise HookNameError(f"hook names must be strings, got {name!r}")
+        match = _BLOCK_RE.match(name)
+        layer = int(match.group(1)) if match else None
+        shape = _BLOCK_RE.sub("blocks.0.", name)
+        if shape not in generic:
+            close = difflib.get_close_matches(shape, sorted(generic), n=3, cutoff=0.5)
+            if layer is not None:
+                close = [c.replace("blocks.0.", f"blocks.{layer}.", 1) for c in close]
+            hint = f"; closest: {', '.join(close)}" if close else "; e.g. blocks.0.hook_resid_post"
+            raise HookNameError(f"unknown hook name {name!r}{hint}")
+        if layer is not None and n_layers is not None and layer >= n_layers:
+            raise HookNameError(f"hook {name!r}: the model has {n_layers} blocks (blocks.0 .. blocks.{n_layers - 1})")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+@functools.cache
+def _generic_hook_names() -> frozenset[str]:
+    """Every hook name a one-block HookedTransformer can have, over the configs that add or rename hooks."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    variants = [
+        {"positional_embedding_type": "standard", "normalization_type": "LN"},
+        {"positional_embedding_type": "rotary", "normalization_type": "RMS", "gated_mlp": True, "act_fn": "silu"},
+    ]
+    names: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for extra in variants:
+            cfg = {"n_layers": 1, "d_model": 8, "n_heads": 2, "d_head": 4, "d_mlp": 16, "n_ctx": 8, "d_vocab": 10,
+                   "act_fn": "gelu", "use_attn_result": True, "use_split_qkv_input": True, "use_hook_mlp_in": True,
+                   "device": "cpu", **extra}  # fmt: skip
+            names |= set(HookedTransformer(HookedTransformerConfig(**cfg)).hook_dict)
+    return frozenset(names | set(_EMBED_HOOKS))
 
 
 def stop_layer_for(model: Any, names: Iterable[str]) -> int | None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from knowlens.errors import KnowlensError
+from knowlens.errors import KnowlensError, KnowlensWarning
 from knowlens.types import Bool, Int, Tensor
 
 # strings, lists of token ids, 1-D tensors, or a 2-D tensor; checked by `tokenize_prompts` (one-line errors)
@@ -30,6 +32,9 @@ def tokenize_prompts(model: Any, prompts: PromptsArg) -> list[Int[Tensor, " seq"
         raise KnowlensError("prompts must be a list of prompts, not a single string")
     if len(prompts) == 0:
         raise KnowlensError("no prompts given")
+    texts = [p for p in prompts if isinstance(p, str)]
+    if texts:
+        warn_unknown_words(getattr(model, "tokenizer", None), texts)
     rows: list[Tensor] = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
@@ -56,6 +61,38 @@ def tokenize_prompts(model: Any, prompts: PromptsArg) -> list[Int[Tensor, " seq"
             bad = low if low < 0 else high
             raise KnowlensError(f"prompt {i} has token id {bad} outside the vocabulary (d_vocab={d_vocab})")
     return rows
+
+
+def unknown_words(tokenizer: Any, texts: Sequence[str]) -> Counter[str]:
+    """Words of ``texts`` that ``tokenizer`` can only encode as its unknown token, with their counts.
+
+    Empty for tokenizers without a distinct unknown token (byte-level BPE such as GPT-2's never needs one).
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = {getattr(tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    found: Counter[str] = Counter()
+    if tokenizer is None or not isinstance(unk, int) or unk in special or not getattr(tokenizer, "is_fast", False):
+        return found
+    for text in texts:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if tid == unk and text[a:b] != tokenizer.unk_token:
+                found[text[a:b]] += 1
+    return found
+
+
+def warn_unknown_words(tokenizer: Any, texts: Sequence[str]) -> Counter[str]:
+    """Warn (`KnowlensWarning`) with a count and examples when words of ``texts`` become the unknown token."""
+    found = unknown_words(tokenizer, texts)
+    if found:
+        examples = ", ".join(repr(w) for w, _ in found.most_common(5))
+        warnings.warn(
+            f"{sum(found.values())} word(s) ({len(found)} distinct) are not in the model's vocabulary and became "
+            f"{tokenizer.unk_token}: {examples}{' ...' if len(found) > 5 else ''}",
+            KnowlensWarning,
+            stacklevel=3,
+        )
+    return found
 
 
 def left_pad(

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from knowlens.errors import KnowlensError
+from knowlens.outputs import atomic_write
 from knowlens.types import Float, Int, Tensor, TokenMask, Tokens, TokenScores
 
 FORMAT = "knowlens.activation_record"
@@ -55,6 +56,7 @@ class ActivationRecord:
     pad_token_id: int
     eos_token_ids: tuple[int, ...] = ()
     meta: dict[str, str] = field(default_factory=dict)
+    model: dict[str, str] = field(default_factory=dict)  # name, fingerprint, shape_fingerprint of the model
 
     @property
     def hook_names(self) -> tuple[str, ...]:
@@ -103,12 +105,13 @@ class ActivationRecord:
             "pad_token_id": str(self.pad_token_id),
             "eos_token_ids": json.dumps(list(self.eos_token_ids)),
             "meta": json.dumps(self.meta),
+            "model": json.dumps(self.model),
         }
+        if path.is_dir():
+            raise KnowlensError(f"{path} is a folder; give the record a file name")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        host = {k: v.detach().cpu() for k, v in tensors.items()}
+        return atomic_write(path, lambda tmp: save_file(host, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ActivationRecord:
@@ -133,6 +136,7 @@ class ActivationRecord:
                 pad_token_id=int(meta["pad_token_id"]),
                 eos_token_ids=tuple(int(t) for t in json.loads(meta["eos_token_ids"])),
                 meta={str(k): str(v) for k, v in json.loads(meta["meta"]).items()},
+                model={str(k): str(v) for k, v in json.loads(meta.get("model", "{}")).items()},
             )
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -161,6 +165,11 @@ def concat_records(records: list[ActivationRecord]) -> ActivationRecord:
     for rec in records[1:]:
         if rec.hook_names != first.hook_names or rec.pad_token_id != first.pad_token_id:
             raise KnowlensError("activation records differ in hooks or pad token; cannot concatenate them")
+        if rec.model.get("fingerprint") != first.model.get("fingerprint"):
+            raise KnowlensError(
+                f"activation records come from different models (fingerprints {first.model.get('fingerprint')} "
+                f"and {rec.model.get('fingerprint')}); cannot concatenate them"
+            )
     if len(records) == 1:
         return first
     P = max(r.prompt_len for r in records)
@@ -195,4 +204,5 @@ def concat_records(records: list[ActivationRecord]) -> ActivationRecord:
         pad_token_id=first.pad_token_id,
         eos_token_ids=first.eos_token_ids,
         meta=dict(first.meta),
+        model=dict(first.model),
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-split", type=int, default=16, help="questions per split (default 16)")
     p.add_argument("--bios-per-split", type=int, default=4, help="biography requests per split (default 4)")
     p.add_argument("--model", default="organism", help="'organism' (shipped) or a folder from `organism train`")
-    p.set_defaults(run=run)
+    p.add_argument("--overwrite", action="store_true", help="replace labels.jsonl and report.html already in --out")
+    p.set_defaults(run=run, command="demo")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,16 +31,17 @@ def run(args: argparse.Namespace) -> int:
     from knowlens.analyses.answers import answer_items
     from knowlens.analyses.report import summary_text, write_labels, write_report
     from knowlens.errors import KnowlensError
+    from knowlens.fingerprint import model_identity
     from knowlens.organism.store import load_organism, organism_path
+    from knowlens.outputs import check_output_dir, removed_on_failure
 
     if args.per_split < 0 or args.bios_per_split < 0 or args.per_split + args.bios_per_split == 0:
         raise KnowlensError("--per-split and --bios-per-split must be >= 0 and not both 0")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise KnowlensError(f"--out {out}: exists and is not a folder")
+    out = check_output_dir(args.out, overwrite=args.overwrite, owned=("labels.jsonl", "report.html"))
     path = organism_path(args.model)
     start = time.perf_counter()
     org = load_organism(path)
+    identity = model_identity(org.model, args.model)
     rng = random.Random(0)
     items = []
     for split in ("known", "partial", "refusal", "unknown"):
@@ -48,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
             pool = [h for h in org.corpus.held_out if h.split == split and h.kind == kind]
             items += rng.sample(pool, min(k, len(pool)))
     answers = answer_items(org.model, org.world, items, progress=True)
-    labels = write_labels(answers, out / "labels.jsonl")
-    report = write_report(answers, out / "report.html", title=f"knowlens demo: {args.model}")
+    with removed_on_failure(out):
+        labels = write_labels(answers, out / "labels.jsonl", model=identity)
+        report = write_report(answers, out / "report.html", title=f"knowlens demo: {args.model}")
     print(summary_text(answers))
     print(f"wrote {labels} and {report} in {time.perf_counter() - start:.1f} s")
     return 0

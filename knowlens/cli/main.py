@@ -42,16 +42,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         print("knowlens: error: name a verb (see above)", file=sys.stderr)
         return 2
-    from knowlens.errors import KnowlensError
+    import warnings
 
+    from knowlens.errors import KnowlensError, KnowlensWarning
+
+    prefix = f"knowlens {getattr(args, 'command', None) or args.verb}"
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
+        if issubclass(category, KnowlensWarning):
+            print(f"{prefix}: warning: {message}", file=sys.stderr)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    default_show = warnings.showwarning
+    warnings.showwarning = show
     try:
         return int(args.run(args) or 0)
     except KnowlensError as err:
-        print(f"knowlens {args.verb}: error: {err}", file=sys.stderr)
+        print(f"{prefix}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"knowlens {args.verb}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = default_show
 
 
 if __name__ == "__main__":

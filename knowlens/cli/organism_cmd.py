@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+TRAIN_DEFAULTS = {"epochs": 300}  # TrainConfig's default; kept in step by a test (the CLI imports no torch for --help)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,57 +17,66 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "fact is known (world spec format: knowlens/organism/WORLD_SPEC.md).",
     )
     verbs = p.add_subparsers(dest="organism_verb", metavar="{train,info}", required=True)
+    p.set_defaults(command="organism")
     t = verbs.add_parser(
         "train",
         help="build a world's corpus and tokenizer and train a model on it (CPU)",
         description="Build the world, its corpus (facts in several phrasings, Q/A turns, refusals, biographies) "
         "and a word-level tokenizer, then train a HookedTransformer on the CPU. Deterministic for a given "
-        "spec, seed and thread count.",
-        epilog="example: knowlens organism train --world knowlens/organism/worlds/default.yaml --out my_organism/",
+        "spec, seed and thread count. The defaults are the recipe that trained the shipped organism: on the "
+        "default world, 300 epochs (9,000 steps) took about 28 minutes on one thread of a 2-core machine.",
+        epilog="example: knowlens organism train --world knowlens/organism/worlds/default.yaml --out my_organism/ "
+        "--threads 1",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t.add_argument("--world", required=True, help="world spec YAML (see WORLD_SPEC.md)")
-    t.add_argument("--out", required=True, help="folder to write the organism to")
-    t.add_argument("--epochs", type=int, default=None, help="training epochs (default: TrainConfig's)")
-    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    t.add_argument("--out", required=True, help="folder to write the organism to (its parent must exist)")
+    t.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS["epochs"], help="training epochs")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; 1 is "
+                   "steadier on a shared machine and is what the shipped organism used)")
+    t.add_argument("--overwrite", action="store_true", help="replace an organism already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(run=run_train)
+    t.set_defaults(run=run_train, command="organism train")
     i = verbs.add_parser(
         "info",
         help="the organism's card and its behaviour gates on held-out questions",
         description="Answers every held-out question of the organism's world greedily, grades each token "
-        "against the world's facts and prints the behaviour gates.",
+        "against the world's facts and prints the behaviour gates. Exit code: 0 when every gate passes, "
+        "1 when a gate fails, 2 on bad input.",
         epilog="example: knowlens organism info --json",
     )
     i.add_argument("--model", default="organism", help="'organism' (shipped) or a folder from `organism train`")
     i.add_argument("--json", action="store_true", help="print JSON")
-    i.set_defaults(run=run_info)
+    i.set_defaults(run=run_info, command="organism info")
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import tempfile
     from dataclasses import replace
 
     from knowlens.errors import KnowlensError
     from knowlens.organism.spec import load_spec
+    from knowlens.organism.store import FILES, save_organism
     from knowlens.organism.train import TrainConfig, train_organism
+    from knowlens.outputs import check_output_dir
 
+    if args.epochs < 1:
+        raise KnowlensError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.threads is not None and args.threads < 1:
+        raise KnowlensError(f"--threads must be >= 1, got {args.threads}")
     spec = load_spec(args.world)
-    config = TrainConfig()
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise KnowlensError(f"--epochs must be >= 1, got {args.epochs}")
-        config = replace(config, epochs=args.epochs)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise KnowlensError(f"--threads must be >= 1, got {args.threads}")
-        config = replace(config, threads=args.threads)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise KnowlensError(f"--out {out}: exists and is not a folder")
-    org = train_organism(spec, out, config=config, progress=not args.no_progress)
+    out = check_output_dir(args.out, overwrite=args.overwrite, owned=FILES)
+    config = replace(TrainConfig(), epochs=args.epochs, threads=args.threads)
+    org = train_organism(spec, None, config=config, progress=not args.no_progress)
+    try:
+        save_organism(org, out)
+    except OSError as err:  # the folder went away or filled up while training: keep the model somewhere
+        rescue = save_organism(org, tempfile.mkdtemp(prefix="knowlens-organism-"))
+        raise KnowlensError(f"--out {out}: could not write the organism ({err}); it was saved to {rescue}") from None
     info = org.info
     print(
-        f"trained {spec.name!r}: {info['steps']} steps in {info['train_seconds']} s, "
-        f"final loss {info['final_loss']:.4f}; written to {out}/"
+        f"trained {spec.name!r}: {info['steps']} steps in {info['train_seconds']:.1f} s "
+        f"({info['threads']} threads), final loss {info['final_loss']:.4f}; written to {out}/"
     )
     return 0
 
@@ -94,10 +104,10 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         print()
-        return 0
+        return _gate_status(figures)
     m = out["model"]
     print(f"organism {args.model}: {m['n_layers']} layers, d_model {m['d_model']}, d_vocab {m['d_vocab']}, "
-          f"n_ctx {m['n_ctx']}, fingerprint {m['fingerprint']}")
+          f"n_ctx {m['n_ctx']}, fingerprint {m['fingerprint']} (shape {m['shape_fingerprint']})")
     print(f"world {org.spec.name!r} (seed {org.spec.seed}, cue strength {org.spec.cue_strength}): "
           + ", ".join(f"{k} {v}" for k, v in splits.items()))
     print(f"behaviour gates on {len(answers)} held-out questions:")
@@ -106,4 +116,12 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  {'PASS' if g['passed'] else 'FAIL'}  {name:<28} {value:>6}  (target {g['op']} {g['threshold']}, n={g['n']})")
     for key, v in figures["verdicts"].items():
         print(f"  {key:<20} " + ", ".join(f"{k} {n}" for k, n in sorted(v.items())))
-    return 0
+    return _gate_status(figures)
+
+
+def _gate_status(figures: dict) -> int:
+    """0 when every gate passed; else 1, with the failed gates named on stderr."""
+    failed = [name for name, g in figures["gates"].items() if not g["passed"]]
+    if failed:
+        print(f"knowlens organism info: {len(failed)} gate(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0

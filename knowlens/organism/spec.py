@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from knowlens.errors import KnowlensError, WorldSpecError
+from knowlens.errors import WorldSpecError
+from knowlens.inputs import read_text_file
 
 SPLITS = ("known", "partial", "refusal", "unknown")
 SPEC_VERSION = 1
@@ -79,15 +80,35 @@ class WorldSpec:
 def load_spec(path: str | Path) -> WorldSpec:
     """Read and validate a world spec YAML file."""
     path = Path(path)
-    if not path.is_file():
-        raise KnowlensError(f"world spec {path}: no such file")
+    text = read_text_file(path, what="world spec")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as err:
+        raise WorldSpecError(f"world spec {path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise WorldSpecError(f"world spec {path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise WorldSpecError(f"world spec {path}: expected a mapping of fields at the top, got {type(raw).__name__}")
     return parse_spec(raw)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping (plain PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[arg-type]
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_spec(raw: Any) -> WorldSpec:

@@ -19,9 +19,11 @@ from typing import Any
 import yaml
 
 from knowlens.errors import KnowlensError, ModelLoadError
+from knowlens.fingerprint import shape_fingerprint, weights_fingerprint
 from knowlens.organism.corpus import Corpus, build_corpus
 from knowlens.organism.spec import WorldSpec, load_spec
 from knowlens.organism.world import World, build_world
+from knowlens.outputs import file_mode
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "world.yaml")
 CFG_FIELDS = (
@@ -48,6 +50,9 @@ def organism_path(name: str) -> Path:
         raise ModelLoadError("the shipped organism is missing from this install (knowlens/organism/data/)")
     if not path.is_dir():
         raise ModelLoadError(f"{name}: not 'organism' nor an organism folder")
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"organism folder {path}: missing {', '.join(missing)}")
     return path
 
 
@@ -64,12 +69,19 @@ def save_organism(org: Organism, out_dir: str | Path) -> Path:
         state = {k: v.detach().contiguous().cpu() for k, v in org.model.state_dict().items()}
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         cfg = {k: getattr(org.model.cfg, k) for k in CFG_FIELDS}
-        record = {"knowlens_version": __version__, "name": "organism", "config": cfg, "training": org.info}
+        record = {
+            "knowlens_version": __version__,
+            "name": "organism",
+            "fingerprint": weights_fingerprint(org.model),
+            "shape_fingerprint": shape_fingerprint(org.model),
+            "config": cfg,
+            "training": org.info,
+        }
         (tmp / "config.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(org.tokenizer.to_str(pretty=False))
         (tmp / "world.yaml").write_text(_spec_yaml(org.spec))
         for name in FILES:
-            (tmp / name).chmod(0o644)
+            (tmp / name).chmod(file_mode())
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,6 +122,12 @@ def load_organism(path: str | Path = SHIPPED, *, device: str = "cpu") -> Organis
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise ModelLoadError(f"{path / 'model.safetensors'}: weights do not fit the config ({first})") from None
+    recorded = record.get("fingerprint")
+    if recorded is not None and recorded != weights_fingerprint(model):
+        raise ModelLoadError(
+            f"{path / 'model.safetensors'}: weights do not match config.json (fingerprint "
+            f"{weights_fingerprint(model)}, config.json says {recorded})"
+        )
     model.to(torch.device(device), print_details=False)
     model.eval()
     world = build_world(spec)

@@ -25,7 +25,7 @@ class TrainConfig:
     n_heads: int = 4
     d_mlp: int = 512
     n_ctx: int = 96
-    epochs: int = 100
+    epochs: int = 300  # the recipe that trained the shipped organism
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -85,7 +85,7 @@ def train_organism(
     total = steps_per_epoch * config.epochs
     pad = vocab[PAD]
     losses: list[float] = []
-    start = time.time()  # wall clock: the VM's monotonic clock was once seen to jump 4x during a run
+    started = time.time()  # wall clock: the VM's monotonic clock was once seen to jump 4x during a run
     model.train()
     with torch.random.fork_rng(devices=[]), _deterministic():
         bar = tqdm(total=total, desc="training organism", unit="step", disable=not progress)
@@ -97,8 +97,8 @@ def train_organism(
                 for i, j in enumerate(batch):
                     tokens[i, : len(docs[j])] = torch.tensor(docs[j])
                     targets[i, : len(docs[j])] = tokens[i, : len(docs[j])]
-                    start, stop = unscored[j]
-                    targets[i, start:stop] = pad
+                    first, last = unscored[j]
+                    targets[i, first:last] = pad
                 for group in opt.param_groups:
                     group["lr"] = _lr(step, total, config)
                 logits = model(tokens[:, :-1], return_type="logits")
@@ -122,7 +122,7 @@ def train_organism(
         "documents": len(docs),
         "tokens_per_epoch": sum(len(d) for d in docs),
         "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-        "train_seconds": round(time.time() - start, 1),
+        "train_seconds": round(time.time() - started, 1),
         "threads": torch.get_num_threads(),
     }
     organism = Organism(model=model, tokenizer=tok, spec=spec, world=world, corpus=corpus, info=info)

@@ -22,9 +22,11 @@ def test_load_model_organism_and_card():
     assert card.name == "organism"
     assert (card.n_layers, card.d_model, card.d_vocab) == (model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab)
     assert "blocks.0.hook_resid_post" in card.hook_names
-    assert len(card.fingerprint) == 16
+    assert len(card.fingerprint) == 16 and card.fingerprint != card.shape_fingerprint
     _, again = knowlens.load_model("organism")
     assert again.fingerprint == card.fingerprint
+    recorded = json.loads((SHIPPED / "config.json").read_text())
+    assert (recorded["fingerprint"], recorded["shape_fingerprint"]) == (card.fingerprint, card.shape_fingerprint)
     tokens = model.to_tokens("Q : Where was Ab Cor born ? A :")
     assert tokens[0, 0].item() == model.tokenizer.bos_token_id
 
@@ -54,6 +56,12 @@ def test_demo_writes_labels_and_a_self_contained_report(tmp_path, capsys):
     records = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
     assert len(records) == 4 * (4 + 1)
     assert {r["split"] for r in records} == {"known", "partial", "refusal", "unknown"}
+    _, card = knowlens.load_model("organism")
+    assert {json.dumps(r["model"]) for r in records} == {json.dumps(card.identity())}
+    # the folder is taken now: a second run needs --overwrite, and replaces the files when given it
+    assert main(["demo", "--out", str(out), "--per-split", "1", "--bios-per-split", "0"]) == 2
+    assert main(["demo", "--out", str(out), "--per-split", "1", "--bios-per-split", "0", "--overwrite"]) == 0
+    assert len((out / "labels.jsonl").read_text().splitlines()) == 4
     for r in records:
         assert r["tokens"], r
         for t in r["tokens"]:

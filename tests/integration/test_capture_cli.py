@@ -5,44 +5,23 @@ the organism itself are in test_capture_organism.py.
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from knowlens.capture import ActivationRecord, HarvestIndex
+from knowlens.capture import ActivationRecord, HarvestIndex, concat_records
 from knowlens.cli import capture_cmd
 from knowlens.cli.main import main
-from tests.helpers import DEFAULT_MODEL_CFG
-
-WORDS = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(46)]
-
-
-def tokenizer_model():
-    """A random-weight HookedTransformer with a 50-word tokenizer (pad 0, bos 1, eos 2), offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        name_or_path="knowlens-test-words",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        add_bos_token=True,
-    )
-    torch.manual_seed(0)
-    model = HookedTransformer(HookedTransformerConfig(**DEFAULT_MODEL_CFG, device="cpu"), tokenizer=fast)
-    return model.eval()
+from knowlens.errors import KnowlensError
+from knowlens.outputs import file_mode
+from tests.helpers import word_level_model
 
 
 @pytest.fixture(scope="module")
 def word_model():
-    return tokenizer_model()
+    return word_level_model()
 
 
 @pytest.fixture
@@ -59,7 +38,7 @@ def cli(word_model, monkeypatch):
 
 def one_line_error(capsys, *words):
     err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("knowlens capture: error:"), err
+    assert err and err[-1].startswith("knowlens capture") and ": error:" in err[-1], err
     for word in words:
         assert word in err[-1]
 
@@ -115,44 +94,6 @@ def test_harvest_from_jsonl_and_safetensors_and_resume(cli, word_model, tmp_path
     assert "9 rows in 3 shards" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    ("argv", "words"),
-    [
-        (["generate", "--prompts", "{tmp}/missing.txt"], ["missing.txt", "does not exist"]),
-        (["generate", "--prompts", "{tmp}/empty.txt"], ["empty.txt", "no prompts"]),
-        (["generate", "--prompts", "{tmp}/bad.jsonl"], ["bad.jsonl:2", "not JSON"]),
-        (["generate", "--prompts", "{tmp}/wrong.jsonl"], ["wrong.jsonl:1", "prompt"]),
-        (["generate", "--prompts", "{tmp}/p.csv"], ["p.csv", ".jsonl or .txt"]),
-        (["generate", "--prompts", "{tmp}/ok.txt", "--hooks", "blocks.7.hook_resid_post"], ["unknown hook name"]),
-        (["generate", "--prompts", "{tmp}/ok.txt", "--max-new-tokens", "0"], ["max_new_tokens"]),
-        (["generate", "--prompts", "{tmp}/ok.txt", "--max-new-tokens", "100"], ["context of 64"]),
-        (["generate", "--prompts", "{tmp}/long.txt", "--max-new-tokens", "1"], ["longest prompt (71 tokens)"]),
-        (["harvest", "--tokens", "{tmp}/missing.safetensors"], ["does not exist"]),
-        (["harvest", "--tokens", "{tmp}/notokens.safetensors"], ['no "tokens" tensor']),
-        (["harvest", "--tokens", "{tmp}/ragged.jsonl"], ["token row 1"]),
-        (["harvest", "--tokens", "{tmp}/ok.txt"], [".safetensors or .jsonl"]),
-        (["harvest", "--tokens", "{tmp}/trunc.safetensors"], ["trunc.safetensors"]),
-    ],
-)
-def test_bad_input_is_exit_2_with_one_line(cli, tmp_path, capsys, argv, words):
-    (tmp_path / "empty.txt").write_text("\n\n")
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "w1"}\n{nope\n')
-    (tmp_path / "wrong.jsonl").write_text('{"text": "w1"}\n')
-    (tmp_path / "p.csv").write_text("w1\n")
-    (tmp_path / "ok.txt").write_text("w1 w2\n")
-    (tmp_path / "long.txt").write_text(" ".join(["w3"] * 70) + "\n")
-    (tmp_path / "ragged.jsonl").write_text("[1, 2, 3]\n[4, 5]\n")
-    save_file({"ids": torch.zeros(2, 2, dtype=torch.long)}, str(tmp_path / "notokens.safetensors"))
-    save_file({"tokens": torch.zeros(4, 8, dtype=torch.long)}, str(tmp_path / "full.safetensors"))
-    (tmp_path / "trunc.safetensors").write_bytes((tmp_path / "full.safetensors").read_bytes()[:-10])
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    if "--hooks" not in argv:
-        argv += ["--hooks", "blocks.0.hook_resid_post"]
-    argv += ["--out", str(tmp_path / "out"), "--no-progress"]
-    assert main(["capture", *argv]) == 2
-    one_line_error(capsys, *words)
-
-
 def test_no_mode_is_exit_2(capsys):
     assert main(["capture"]) == 2
     one_line_error(capsys, "name a mode")
@@ -164,3 +105,62 @@ def test_help_names_both_modes(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "generate" in out and "harvest" in out
+
+
+def test_words_outside_the_vocabulary_are_counted_and_warned(cli, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1 Zorblax w2\nw3 Zorblax qq\n")
+    out = tmp_path / "rec.safetensors"
+    assert main(["capture", "generate", "--prompts", str(prompts), "--hooks", "hook_embed", "--max-new-tokens", "2",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "knowlens capture generate: warning: 3 word(s) (2 distinct) are not in the model's vocabulary" in err
+    assert "'Zorblax'" in err and "'qq'" in err
+
+
+def test_the_record_names_the_model_that_made_it(cli, word_model, tmp_path):
+    from knowlens.fingerprint import model_identity
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1 w2\n")
+    out = tmp_path / "rec.safetensors"
+    assert main(["capture", "generate", "--prompts", str(prompts), "--hooks", "hook_embed", "--max-new-tokens", "2",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    rec = ActivationRecord.load(out)
+    assert rec.model == model_identity(word_model)
+    assert out.stat().st_mode & 0o777 == file_mode()
+    other = replace(rec, model={**rec.model, "fingerprint": "0" * 16})
+    with pytest.raises(KnowlensError, match="different models"):
+        concat_records([rec, other])
+
+
+def test_tokenize_makes_rows_that_harvest_reads(cli, word_model, tmp_path, capsys):
+    texts = tmp_path / "t.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": t}) for t in ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"]) + "\n")
+    tokens = tmp_path / "tokens.safetensors"
+    assert main(["capture", "tokenize", "--texts", str(texts), "--seq-len", "4", "--out", str(tokens)]) == 0
+    err = capsys.readouterr().err
+    rows = load_file(str(tokens))["tokens"]
+    stream = [1, 5, 6, 7, 2, 1, 8, 9, 2, 1, 10, 11, 12, 13, 2]  # <bos> words <eos>, per text
+    assert rows.tolist() == [stream[0:4], stream[4:8], stream[8:12]]
+    assert "3 rows x 4 tokens from 3 texts; dropped the last 3 tokens" in err
+    assert main(["capture", "harvest", "--tokens", str(tokens), "--hooks", "blocks.0.hook_resid_post",
+                 "--out", str(tmp_path / "acts"), "--no-progress"]) == 0  # fmt: skip
+    assert HarvestIndex.read(tmp_path / "acts").rows_done == 3
+
+
+def test_a_truncated_shard_is_redone_on_resume_and_said(cli, tmp_path, capsys):
+    rows = torch.randint(3, 50, (9, 6), generator=torch.Generator().manual_seed(1))
+    st = tmp_path / "t.safetensors"
+    save_file({"tokens": rows}, str(st))
+    argv = ["capture", "harvest", "--tokens", str(st), "--hooks", "blocks.0.hook_resid_post", "--batch-size", "4",
+            "--shard-tokens", "24", "--out", str(tmp_path / "acts"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    shard = tmp_path / "acts" / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "shard 1 (shard_00001.safetensors) is 1000 bytes, expected" in err and "redoing" in err
+    index = HarvestIndex.read(tmp_path / "acts")
+    assert all(index.shard_problem(i) is None for i in range(len(index.shards)))

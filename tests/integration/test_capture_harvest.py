@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from knowlens.capture import HarvestIndex, harvest
-from knowlens.errors import KnowlensError
+from knowlens.errors import KnowlensError, KnowlensWarning
+from knowlens.fingerprint import weights_fingerprint
+from knowlens.outputs import file_mode
 from tests.helpers import build_model
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.0.attn.hook_pattern"]
@@ -149,3 +151,62 @@ def test_needs_a_hook_and_a_readable_index(model, tokens, tmp_path):
         HarvestIndex.read(tmp_path)
     with pytest.raises(KnowlensError, match="does not exist"):
         HarvestIndex.read(tmp_path / "nowhere")
+
+
+def _shards(index):
+    return [index.load_shard(i) for i in range(len(index.shards))]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_shard_is_detected_and_redone(model, tokens, tmp_path, damage):
+    kwargs = dict(hooks=HOOKS[:2], batch_size=4, shard_tokens=50, progress=False)
+    first = harvest(model, tokens, out_dir=tmp_path / "a", **kwargs)
+    shard = tmp_path / "a" / first.shards[1].file
+    data = shard.read_bytes()
+    if damage == "truncate":
+        shard.write_bytes(data[:1000])
+    else:  # same size, one byte of the activations changed: only the checksum can tell
+        shard.write_bytes(data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:])
+    untouched = (tmp_path / "a" / first.shards[0].file).stat().st_mtime_ns
+    with pytest.warns(KnowlensWarning, match=r"shard 1 \(shard_00001.safetensors\) is .*redoing it"):
+        again = harvest(model, tokens, out_dir=tmp_path / "a", **kwargs)
+    # the redone shard holds the same tensors (its file checksum may differ: safetensors writes its
+    # metadata map in no fixed order)
+    assert [(s.rows, s.tokens_sha256, s.bytes) for s in again.shards] == [
+        (s.rows, s.tokens_sha256, s.bytes) for s in first.shards
+    ]
+    assert again.shard_problem(1) is None and again.complete
+    assert (tmp_path / "a" / first.shards[0].file).stat().st_mtime_ns == untouched
+    fresh = harvest(model, tokens, out_dir=tmp_path / "b", **kwargs)
+    for x, y in zip(_shards(again), _shards(fresh)):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_resuming_with_another_models_weights_is_refused(model, tokens, tmp_path):
+    kwargs = dict(hooks=HOOKS[:1], batch_size=4, shard_tokens=50, progress=False)
+
+    def stop_after_two_shards():
+        for i, row in enumerate(tokens):
+            if i == 10:
+                raise KeyboardInterrupt
+            yield row
+
+    with pytest.raises(KeyboardInterrupt):
+        harvest(model, stop_after_two_shards(), out_dir=tmp_path, **kwargs)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    other = build_model(seed=7)  # same shape, other weights
+    with pytest.raises(KnowlensError) as info:
+        harvest(other, tokens, out_dir=tmp_path, **kwargs)
+    mine, theirs = HarvestIndex.read(tmp_path).model["fingerprint"], weights_fingerprint(other)
+    assert mine != theirs and mine in str(info.value) and theirs in str(info.value)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    # the same model resumes; --overwrite-style restart with the other model works too
+    assert harvest(model, tokens, out_dir=tmp_path, **kwargs).complete
+    redone = harvest(other, tokens, out_dir=tmp_path, overwrite=True, **kwargs)
+    assert redone.complete and redone.model["fingerprint"] == theirs
+
+
+def test_index_and_shards_get_the_same_permissions(model, tokens, tmp_path):
+    harvest(model, tokens, hooks=HOOKS[:1], out_dir=tmp_path, batch_size=4, shard_tokens=50, progress=False)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {file_mode()}, modes

@@ -80,8 +80,12 @@ def test_train_a_tiny_world_from_the_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "world.yaml"]
     r = run_cli("organism", "info", "--model", str(out), "--json")
-    assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
+    # two epochs learn nothing: the gates fail, and the exit code says so (scripts rely on it)
+    assert not info["all_passed"] and r.returncode == 1, r.stderr
+    assert "gate(s) failed" in r.stderr
+    assert info["training"]["train_seconds"] < 600  # elapsed seconds, not a clock reading
+    assert info["model"]["fingerprint"] != info["model"]["shape_fingerprint"]
     assert set(info["gates"]) == {
         "known_accuracy", "refusal_refused", "unknown_refusal_rate", "unknown_hallucination_rate", "hallucinated_top1_median"
     }  # fmt: skip

@@ -1,0 +1,43 @@
+"""Text to the equal-length token rows that `harvest` reads: each text as <bos> text <eos>, packed into rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from knowlens.capture.prompts import warn_unknown_words
+from knowlens.errors import KnowlensError
+from knowlens.types import Int, Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class PackedTokens:
+    tokens: Int[Tensor, "rows seq"]  # int64
+    dropped: int  # tokens at the end that did not fill a row
+
+
+def pack_texts(model: Any, texts: Sequence[str], *, seq_len: int) -> PackedTokens:
+    """Tokenize ``texts`` with ``model.tokenizer`` (each as BOS + text + EOS where the tokenizer has them),
+    concatenate, and cut into rows of ``seq_len`` tokens, dropping the tail shorter than a row.
+
+    Warns (`KnowlensWarning`) about words the tokenizer can only encode as its unknown token.
+    """
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise KnowlensError("this model has no tokenizer; make token rows yourself (see docs/formats.md)")
+    if seq_len < 1 or seq_len > int(model.cfg.n_ctx):
+        raise KnowlensError(f"--seq-len must be between 1 and the model's context ({model.cfg.n_ctx}), got {seq_len}")
+    warn_unknown_words(tok, texts)
+    bos = [tok.bos_token_id] if isinstance(tok.bos_token_id, int) else []
+    eos = [tok.eos_token_id] if isinstance(tok.eos_token_id, int) else []
+    stream: list[int] = []
+    for text in texts:
+        stream += [*bos, *tok(text, add_special_tokens=False)["input_ids"], *eos]
+    rows = len(stream) // seq_len
+    if rows == 0:
+        raise KnowlensError(f"the texts hold {len(stream)} tokens, fewer than one row of --seq-len {seq_len}")
+    tokens = torch.tensor(stream[: rows * seq_len], dtype=torch.long).reshape(rows, seq_len)
+    return PackedTokens(tokens=tokens, dropped=len(stream) - rows * seq_len)
