@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from knowlens.analyses.answers import Answer
+from knowlens.outputs import atomic_write_text
 
 CLASS_CODES = {"correct": 0, "other": 1, "refusal": 2, "hallucinated": 3}
 CLASS_COLOURS = ["#2ca02c", "#d9d9d9", "#1f77b4", "#d62728"]
@@ -43,7 +43,7 @@ def answer_record(a: Answer) -> dict[str, Any]:
         "generated": a.text,
         "verdict": a.grade.verdict,
         "tokens": [
-            {"text": t, "class": c, "logprob": round(lp, 5), "entropy": round(h, 5), "top1_prob": round(p, 5)}
+            {"text": t, "class": c, "logprob": round(lp, 5) + 0.0, "entropy": round(h, 5) + 0.0, "top1_prob": round(p, 5)}
             for t, c, lp, h, p in zip(a.tokens, a.grade.classes, a.logprob, a.entropy, a.top1)
         ],
     }
@@ -52,10 +52,12 @@ def answer_record(a: Answer) -> dict[str, Any]:
 def write_labels(answers: Sequence[Answer], path: str | Path, *, model: dict[str, str] | None = None) -> Path:
     """One JSON record per answer (docs/formats.md); ``model`` (name and fingerprints) goes into each record."""
     extra = {"model": model} if model is not None else {}
-    return _atomic_write(Path(path), "".join(json.dumps({**answer_record(a), **extra}) + "\n" for a in answers))
+    return atomic_write_text(Path(path), "".join(json.dumps({**answer_record(a), **extra}) + "\n" for a in answers))
 
 
-def write_report(answers: Sequence[Answer], path: str | Path, *, title: str = "knowlens demo") -> Path:
+def write_report(
+    answers: Sequence[Answer], path: str | Path, *, title: str = "knowlens demo", model: dict[str, str] | None = None
+) -> Path:
     """One self-contained HTML file (plotly.js inlined; it fetches nothing: no CDN, MathJax, fonts or map
     tiles): answers as rows of tokens, coloured by top-1 probability (continuous colour bar) and by grader
     class (categorical legend of swatches); hovering a token shows its class, log-probability, entropy and
@@ -104,6 +106,12 @@ def write_report(answers: Sequence[Answer], path: str | Path, *, title: str = "k
     counts = Counter(c for a in rows for c in a.grade.classes)
     parts = [
         f"<h1>{html.escape(title)}</h1>",
+        *(
+            [f"<p>model {html.escape(model['name'])}: fingerprint <code>{html.escape(model['fingerprint'])}</code>, "
+             f"shape <code>{html.escape(model['shape_fingerprint'])}</code></p>"]
+            if model
+            else []
+        ),
         f"<pre>{html.escape(summary_text(rows))}</pre>",
         "<h2>Tokens coloured by top-1 probability (stated confidence)</h2>",
         grid(top1, "RdYlGn", 0.0, 1.0, {"title": "top-1 p"}, "top1-heatmap"),
@@ -118,7 +126,7 @@ def write_report(answers: Sequence[Answer], path: str | Path, *, title: str = "k
         f"<title>{html.escape(title)}</title><script type='text/javascript'>{get_plotlyjs()}</script>"
         f"<style>{STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>"
     )
-    return _atomic_write(Path(path), page)
+    return atomic_write_text(Path(path), page)
 
 
 def summary(answers: Sequence[Answer]) -> dict[str, Any]:
@@ -185,14 +193,3 @@ def _class_legend(counts: Counter[str]) -> str:
 
 def _short(text: str, n: int = 48) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

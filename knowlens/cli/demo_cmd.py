@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     answers = answer_items(org.model, org.world, items, progress=True)
     with removed_on_failure(out):
         labels = write_labels(answers, out / "labels.jsonl", model=identity)
-        report = write_report(answers, out / "report.html", title=f"knowlens demo: {args.model}")
+        report = write_report(answers, out / "report.html", title=f"knowlens demo: {args.model}", model=identity)
     print(summary_text(answers))
     print(f"wrote {labels} and {report} in {time.perf_counter() - start:.1f} s")
     return 0
