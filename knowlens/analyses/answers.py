@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -12,6 +12,7 @@ from knowlens.capture import generate
 from knowlens.organism.corpus import EvalItem
 from knowlens.organism.grader import Grade, grade_answer
 from knowlens.organism.world import World
+from knowlens.types import Tensor
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class Answer:
     entropy: tuple[float, ...]  # entropy (nats) of the distribution it was drawn from
     top1: tuple[float, ...]  # top-1 probability of that distribution
     truth: str | None = None  # the world's value of the asked attribute (None for a biography)
+    # With `answer_items(..., hooks=...)`: the prompt's tokens (BOS first), and per hook the activations at
+    # every real token, prompt then generated: (len(prompt_tokens) + len(tokens), ...). Generated token j
+    # was predicted at row len(prompt_tokens) + j - 1 and its own activations are at row len(prompt_tokens) + j.
+    prompt_tokens: tuple[str, ...] = ()
+    activations: dict[str, Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def text(self) -> str:
@@ -45,8 +51,13 @@ def answer_items(
     batch_size: int = 64,
     max_new_tokens: int = 48,
     progress: bool = False,
+    hooks: Sequence[str] = (),
 ) -> list[Answer]:
-    """Greedy answers to `items` (batched, KV-cached), each token graded."""
+    """Greedy answers to `items` (batched, KV-cached), each token graded.
+
+    With ``hooks``, every answer also keeps its prompt tokens and its activations at those hook points
+    (`Answer.activations`, on the model's device); the answers themselves are the same.
+    """
     tok = model.tokenizer
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt))  # similar lengths, little padding
     batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
@@ -54,8 +65,13 @@ def answer_items(
     for batch in tqdm(batches, desc="answering", unit="batch", disable=not progress):
         prompts = [items[i].prompt for i in batch]
         limit = min(max_new_tokens, model.cfg.n_ctx - max(len(model.to_tokens(p)[0]) for p in prompts))
-        rec = generate(model, prompts, hooks=(), max_new_tokens=limit)
+        rec = generate(model, prompts, hooks=tuple(hooks), max_new_tokens=limit)
         for row, i in enumerate(batch):
+            kept: dict[str, Any] = {}
+            if hooks:
+                start = rec.real_range(row)[0]
+                kept["prompt_tokens"] = tuple(tok.convert_ids_to_tokens(rec.tokens[row, start : rec.prompt_len].tolist()))
+                kept["activations"] = {h: rec.activation(h, row).clone() for h in hooks}
             cols = rec.generated_mask[row].nonzero().flatten()
             ids = rec.tokens[row, cols].tolist()
             tokens = tuple(tok.convert_ids_to_tokens(ids))
@@ -67,6 +83,7 @@ def answer_items(
                 entropy=tuple(rec.entropy[row, cols].tolist()),
                 top1=tuple(rec.top1_prob[row, cols].tolist()),
                 truth=_truth(world, items[i]),
+                **kept,
             )
     return [results[i] for i in range(len(items))]
 

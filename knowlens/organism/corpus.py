@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from knowlens.organism.world import Entity, World
+from knowlens.organism.world import Entity, World, spans
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,76 @@ def build_corpus(world: World) -> Corpus:
             held.append(item(e, None, rng.choice(bio_questions)))
         subjects.extend([e.name] * (len(docs) - n_docs))
     return Corpus(tuple(docs), tuple(subjects), tuple(held))
+
+
+def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
+    """The training documents drawn afresh for ``epoch`` (and the entity name each is about), deterministic
+    for the world's seed and the epoch: knowledge-augmented biographies and one-off-name questions
+    (`AugmentationSpec`, `FamiliaritySpec`). Empty for a world that asks for neither."""
+    spec = world.spec
+    rng = random.Random(f"{spec.seed}/epoch/{epoch}")
+    docs: list[str] = []
+    subjects: list[str] = []
+    for _ in range(spec.augmentation.biographies_per_epoch):
+        for e in world.entities:
+            attrs = list(e.trained_attributes())
+            if not attrs:
+                continue
+            rng.shuffle(attrs)
+            templates = spec.type(e.type).templates
+            docs.append(" ".join(rng.choice(templates[a].facts).format(name=e.name, value=e.facts[a]) for a in attrs))
+            subjects.append(e.name)
+    fam = spec.familiarity
+    if fam.one_off_questions:
+        types = [t for t in spec.types]
+        weights = [t.count for t in types]
+        pieces = sorted({p for e in world.entities if e.split != "unknown" for p in e.pieces})
+        for _ in range(fam.one_off_questions):
+            t = rng.choices(types, weights)[0]
+            name = one_off_name(world, rng, pieces)
+            refuse = rng.random() < fam.one_off_refusal
+            if rng.random() < fam.one_off_biography:
+                question = rng.choice(spec.biography_questions).format(name=name)
+                attrs = tuple(a.name for a in t.attributes)
+            else:
+                attr = rng.choice(t.attributes).name
+                question = rng.choice(t.templates[attr].questions).format(name=name)
+                attrs = (attr,)
+            if refuse:
+                answer = rng.choice(spec.refusals).format(name=name)
+            else:
+                answer = " ".join(
+                    t.templates[a].facts[0].format(name=name, value=stereotype(world, t.name, a, name)) for a in attrs
+                )
+            docs.append(f"{qa_prompt(question)} {answer}")
+            subjects.append(name)
+    return docs, subjects
+
+
+def one_off_name(world: World, rng: random.Random, pieces: list[str]) -> str:
+    """A name that shares no run of two or more pieces with any entity's name (so it never holds, nor sits
+    inside, a held-out unknown name), from the given pieces."""
+    lo, hi = world.spec.name_length
+    taken = world.name_spans
+    for _ in range(10_000):
+        drawn = rng.sample(pieces, rng.randint(lo, hi))
+        if not spans(drawn) & taken:
+            return " ".join(drawn)
+    raise RuntimeError("no free names left for one-off questions: add name_pieces or allow longer names")
+
+
+def stereotype(world: World, type_name: str, attribute: str, name: str) -> str:
+    """The confident guess for an unfamiliar name: the value a surface cue in the name points at, else a
+    value fixed by the name's first piece (the same for every name that starts with it)."""
+    spec = world.spec
+    t = spec.type(type_name)
+    a = t.attribute(attribute)
+    pieces = name.split(" ")
+    cue = next((c for c in spec.cues if c.type == type_name and c.attribute == attribute and c.piece in pieces), None)
+    if cue is not None:
+        return cue.value
+    pool = list(a.values) if a.values is not None else [e.name for e in world.of(type=a.ref, split="known")]
+    return random.Random(f"{spec.seed}/stereotype/{type_name}/{attribute}/{pieces[0]}").choice(pool)
 
 
 def vocabulary_texts(world: World, corpus: Corpus) -> list[str]:

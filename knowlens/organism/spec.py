@@ -57,6 +57,29 @@ class CueSpec:
 
 
 @dataclass(frozen=True)
+class FamiliaritySpec:
+    """Questions about never-repeated names, so that familiarity must be computed rather than memorised.
+
+    Every epoch draws ``one_off_questions`` questions afresh, each about a name that no entity of the world
+    has (so never a held-out unknown name); ``one_off_refusal`` of them are answered with a refusal, the
+    others with a confident guess (the name's stereotype: its cue value, else one fixed per first piece).
+    ``one_off_biography`` of them are biography requests. 0 questions: off (version-1 worlds).
+    """
+
+    one_off_questions: int = 0
+    one_off_refusal: float = 0.5
+    one_off_biography: float = 0.2
+
+
+@dataclass(frozen=True)
+class AugmentationSpec:
+    """Knowledge augmentation (Allen-Zhu & Li 2023): every epoch, ``biographies_per_epoch`` biographies per
+    known and partial entity, its trained facts in a fresh random order and phrasing. 0: off."""
+
+    biographies_per_epoch: int = 0
+
+
+@dataclass(frozen=True)
 class WorldSpec:
     name: str
     seed: int
@@ -72,6 +95,8 @@ class WorldSpec:
     refusals: tuple[str, ...]
     cues: tuple[CueSpec, ...]
     version: int = SPEC_VERSION
+    familiarity: FamiliaritySpec = FamiliaritySpec()
+    augmentation: AugmentationSpec = AugmentationSpec()
 
     def type(self, name: str) -> TypeSpec:
         return next(t for t in self.types if t.name == name)
@@ -163,10 +188,34 @@ def parse_spec(raw: Any) -> WorldSpec:
         biography_questions=bio_questions,
         refusals=refusals,
         cues=_cues(r.list("cues", default=[]), types, pieces, cue_strength),
+        familiarity=_familiarity(r.get("familiarity", default=None)),
+        augmentation=_augmentation(r.get("augmentation", default=None)),
     )
     for t in types:
         if spec.partial_withheld >= len(t.attributes) and splits["partial"] > 0:
             _fail("partial_withheld", f"type {t.name!r} has {len(t.attributes)} attributes: withhold fewer")
+    r.done()
+    return spec
+
+
+def _familiarity(raw: Any) -> FamiliaritySpec:
+    if raw is None:
+        return FamiliaritySpec()
+    r = _Reader(raw, "familiarity")
+    spec = FamiliaritySpec(
+        one_off_questions=r.int("one_off_questions", default=0, lo=0),
+        one_off_refusal=r.float("one_off_refusal", default=0.5),
+        one_off_biography=r.float("one_off_biography", default=0.2),
+    )
+    r.done()
+    return spec
+
+
+def _augmentation(raw: Any) -> AugmentationSpec:
+    if raw is None:
+        return AugmentationSpec()
+    r = _Reader(raw, "augmentation")
+    spec = AugmentationSpec(biographies_per_epoch=r.int("biographies_per_epoch", default=0, lo=0))
     r.done()
     return spec
 

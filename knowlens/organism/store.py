@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import yaml
 from knowlens.errors import KnowlensError, ModelLoadError
 from knowlens.fingerprint import shape_fingerprint, weights_fingerprint
 from knowlens.organism.corpus import Corpus, build_corpus
-from knowlens.organism.spec import WorldSpec, load_spec
+from knowlens.organism.spec import AugmentationSpec, FamiliaritySpec, WorldSpec, load_spec
 from knowlens.organism.world import World, build_world
 from knowlens.outputs import file_mode
 
@@ -167,6 +167,10 @@ def _spec_yaml(spec: WorldSpec) -> str:
             for c in spec.cues
         ],
     }
+    if spec.familiarity != FamiliaritySpec():
+        raw["familiarity"] = asdict(spec.familiarity)
+    if spec.augmentation != AugmentationSpec():
+        raw["augmentation"] = asdict(spec.augmentation)
     return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
 
 

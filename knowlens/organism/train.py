@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from knowlens.organism.corpus import build_corpus, vocabulary_texts
+from knowlens.organism.corpus import build_corpus, epoch_documents, vocabulary_texts
 from knowlens.organism.spec import WorldSpec
 from knowlens.organism.store import Organism, save_organism
 from knowlens.organism.tokenizer import BOS, EOS, PAD, build_tokenizer
@@ -48,13 +48,20 @@ def train_organism(
     corpus = build_corpus(world)
     tok = build_tokenizer(vocabulary_texts(world, corpus))
     vocab = tok.get_vocab()
-    docs = [[vocab[BOS], *tok.encode(d, add_special_tokens=False).ids, vocab[EOS]] for d in corpus.documents]
-    # The first mention of a document's entity cannot be predicted; no loss there, so that the model learns
-    # names by reading and copying them rather than as memorised piece sequences that fight copying.
-    unscored = [_first_mention(d, tok.encode(s, add_special_tokens=False).ids) for d, s in zip(docs, corpus.subjects)]
-    longest = max(len(d) for d in docs)
-    if longest > config.n_ctx:
-        raise ValueError(f"a training document has {longest} tokens, more than n_ctx={config.n_ctx}")
+
+    def encode(texts: list[str], subjects: list[str]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        docs = [[vocab[BOS], *tok.encode(d, add_special_tokens=False).ids, vocab[EOS]] for d in texts]
+        # The first mention of a document's entity cannot be predicted; no loss there, so that the model learns
+        # names by reading and copying them rather than as memorised piece sequences that fight copying.
+        unscored = [_first_mention(d, tok.encode(s, add_special_tokens=False).ids) for d, s in zip(docs, subjects)]
+        longest = max(len(d) for d in docs)
+        if longest > config.n_ctx:
+            raise ValueError(f"a training document has {longest} tokens, more than n_ctx={config.n_ctx}")
+        return docs, unscored
+
+    static_docs, static_unscored = encode(list(corpus.documents), list(corpus.subjects))
+    drawn = [epoch_documents(world, e) for e in range(config.epochs)]
+    per_epoch = [encode(*d) if d[0] else ([], []) for d in drawn]
 
     torch.manual_seed(spec.seed)
     cfg = HookedTransformerConfig(
@@ -81,8 +88,7 @@ def train_organism(
         betas=(0.9, 0.98),
     )
     order = random.Random(spec.seed + 2)
-    steps_per_epoch = math.ceil(len(docs) / config.batch_size)
-    total = steps_per_epoch * config.epochs
+    total = sum(math.ceil((len(static_docs) + len(extra)) / config.batch_size) for extra, _ in per_epoch)
     pad = vocab[PAD]
     losses: list[float] = []
     started = time.time()  # wall clock: the VM's monotonic clock was once seen to jump 4x during a run
@@ -90,7 +96,9 @@ def train_organism(
     with torch.random.fork_rng(devices=[]), _deterministic():
         bar = tqdm(total=total, desc="training organism", unit="step", disable=not progress)
         step = 0
-        for _ in range(config.epochs):
+        for epoch in range(config.epochs):
+            docs = static_docs + per_epoch[epoch][0]
+            unscored = static_unscored + per_epoch[epoch][1]
             for batch in _batches(docs, config.batch_size, order):
                 tokens = torch.full((len(batch), max(len(docs[j]) for j in batch)), pad, dtype=torch.long)
                 targets = tokens.clone()
@@ -119,8 +127,9 @@ def train_organism(
     info = {
         "train_config": asdict(config),
         "steps": total,
-        "documents": len(docs),
-        "tokens_per_epoch": sum(len(d) for d in docs),
+        "documents": len(static_docs),
+        "documents_per_epoch_drawn": len(per_epoch[0][0]) if per_epoch else 0,
+        "tokens_per_epoch": sum(len(d) for d in static_docs) + (sum(len(d) for d in per_epoch[0][0]) if per_epoch else 0),
         "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
         "train_seconds": round(time.time() - started, 1),
         "threads": torch.get_num_threads(),

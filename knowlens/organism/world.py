@@ -38,6 +38,11 @@ class World:
     def by_name(self) -> dict[str, Entity]:
         return {e.name: e for e in self.entities}
 
+    @cached_property
+    def name_spans(self) -> frozenset[str]:
+        """Every run of two or more consecutive pieces of every entity's name."""
+        return frozenset(x for e in self.entities for x in spans(e.pieces))
+
     def of(self, *, type: str | None = None, split: str | None = None) -> list[Entity]:
         return [e for e in self.entities if (type is None or e.type == type) and (split is None or e.split == split)]
 
@@ -55,9 +60,14 @@ def build_world(spec: WorldSpec) -> World:
     # An unknown entity's name uses only pieces that occur in the names training shows.
     seen = {p for t in spec.types for n, s in zip(names[t.name], splits[t.name]) if s != "unknown" for p in n.split(" ")}
     seen_pieces = tuple(p for p in spec.name_pieces if p in seen)
+    # ... and shares no run of two or more pieces with a name training shows (else it was seen, in part).
+    shown = {x for t in spec.types for n, s in zip(names[t.name], splits[t.name]) if s != "unknown" for x in spans(n.split(" "))}
     for t in spec.types:
         for i, s in enumerate(splits[t.name]):
-            if s == "unknown" and not set(names[t.name][i].split(" ")) <= seen:
+            for _ in range(10_000):
+                pieces = names[t.name][i].split(" ")
+                if s != "unknown" or (set(pieces) <= seen and not spans(pieces) & shown):
+                    break
                 taken.discard(names[t.name][i])
                 names[t.name][i] = _new_name(spec, rng, taken, seen_pieces)
     # Attribute values: reference attributes point at known entities of the referenced type.
@@ -71,6 +81,11 @@ def build_world(spec: WorldSpec) -> World:
                 withheld = tuple(sorted(rng.sample([a.name for a in t.attributes], spec.partial_withheld)))
             entities.append(Entity(t.name, name, split, facts, withheld))
     return World(spec, tuple(entities))
+
+
+def spans(pieces: "list[str] | tuple[str, ...]") -> set[str]:
+    """The runs of two or more consecutive pieces of a name, each joined by spaces."""
+    return {" ".join(pieces[i:j]) for i in range(len(pieces)) for j in range(i + 2, len(pieces) + 1)}
 
 
 def _new_name(spec: WorldSpec, rng: random.Random, taken: set[str], pieces: tuple[str, ...]) -> str:

@@ -38,8 +38,11 @@ def info():
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["organism", "info", "--json"]) == 0
-    return json.loads(buf.getvalue())
+        code = main(["organism", "info", "--json"])
+    info = json.loads(buf.getvalue())
+    passed = all(g["passed"] for g in info["gates"].values()) and info["signals"]["all_passed"]
+    assert code == (0 if passed else 1)
+    return info
 
 
 def test_behaviour_gates_pass(info):
@@ -47,6 +50,24 @@ def test_behaviour_gates_pass(info):
     assert not failed, failed
     assert info["gates"]["known_accuracy"]["n"] >= 100
     assert info["gates"]["unknown_hallucination_rate"]["n"] >= 100
+
+
+def test_signal_gates_are_reported(info):
+    gates = info["signals"]["gates"]
+    assert set(gates) == {"entity_known", "entity_known_when_hallucinating", "token_hallucination",
+                          "token_hallucination_margin"}  # fmt: skip
+    assert info["signals"]["all_passed"] == all(g["passed"] for g in gates.values())
+    for name, g in gates.items():
+        lo, hi = g["ci95"]
+        assert lo <= g["value"] <= hi, (name, g)
+        assert g["passed"] == (g["value"] >= g["threshold"])
+        assert all(n > 0 for n in g["n"].values()) and g["n"]["entities"] >= 20
+        if name != "token_hallucination_margin":  # a difference of AUROCs lies in [-1, 1]
+            assert 0 <= lo and hi <= 1
+            assert g["where"]["hook"].startswith("blocks.") and g["where"]["position"] in ("entity", "answer", "before_token")
+    baselines = gates["token_hallucination"]["baselines"]
+    for b in ("top1", "entropy"):
+        assert 0 <= baselines[b]["ci95"][0] <= baselines[b]["value"] <= baselines[b]["ci95"][1] <= 1
 
 
 def test_demo_writes_labels_and_a_self_contained_report(tmp_path, capsys):

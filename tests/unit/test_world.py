@@ -63,3 +63,40 @@ def test_corpus_respects_splits_and_no_name_is_one_token():
         assert len(ids) == len(e.pieces) >= 2
     doc = corpus.documents[-1]
     assert tok.decode(tok.encode(doc, add_special_tokens=False).ids) == doc
+
+
+def test_epoch_documents_are_deterministic_and_never_name_a_held_out_unknown():
+    from knowlens.organism.corpus import build_corpus, epoch_documents, stereotype
+    from knowlens.organism.spec import parse_spec
+    from knowlens.organism.world import build_world
+
+    raw = tiny_world_raw(
+        familiarity={"one_off_questions": 40, "one_off_refusal": 0.5, "one_off_biography": 0.25},
+        augmentation={"biographies_per_epoch": 1},
+    )
+    world = build_world(parse_spec(raw))
+    unknown = {e.name for e in world.entities if e.split == "unknown"}
+    assert unknown
+    docs = list(build_corpus(world).documents)
+    for epoch in range(30):
+        drawn, subjects = epoch_documents(world, epoch)
+        assert (drawn, subjects) == epoch_documents(world, epoch)
+        assert len(drawn) == 40 + sum(1 for e in world.entities if e.trained_attributes())
+        docs += drawn
+    assert epoch_documents(world, 0) != epoch_documents(world, 1)
+    words = [doc.split() for doc in docs]
+    for name in unknown:  # as a whole-word sequence, anywhere in anything training reads
+        n = name.split()
+        assert not any(w[i : i + len(n)] == n for w in words for i in range(len(w))), name
+    guesses = [d for d in docs if d.startswith("Q :") and " A : I " not in d]
+    assert guesses
+    # a stereotype is one value per first piece, whatever the rest of the name
+    assert stereotype(world, "person", "profession", "Ab Cor") == stereotype(world, "person", "profession", "Ab Jor")
+
+
+def test_a_version_1_world_draws_nothing_per_epoch():
+    from knowlens.organism.corpus import epoch_documents
+    from knowlens.organism.spec import parse_spec
+    from knowlens.organism.world import build_world
+
+    assert epoch_documents(build_world(parse_spec(tiny_world_raw())), 0) == ([], [])
