@@ -95,6 +95,7 @@ def run_info(args: argparse.Namespace) -> int:
     from knowlens.analyses.signals import signal_figures, signal_hooks
     from knowlens.errors import KnowlensError
     from knowlens.models import model_card
+    from knowlens.organism.corpus import every_phrasing
     from knowlens.organism.store import load_organism, organism_path
 
     if args.threads < 1:
@@ -104,9 +105,12 @@ def run_info(args: argparse.Namespace) -> int:
     org = load_organism(path)
     card = model_card(org.model, args.model)
     hooks = signal_hooks(org.model.cfg.n_layers)
-    answers = answer_items(org.model, org.world, org.corpus.held_out, progress=not args.json, hooks=hooks)
+    answers = answer_items(org.model, org.world, org.corpus.held_out, progress=not args.json)
     figures = gate_figures(answers)
-    signals = signal_figures(answers)
+    # the signal probes see every phrasing of every held-out question: more rows per entity, still grouped
+    probed = answer_items(org.model, org.world, every_phrasing(org.world, org.corpus.held_out), hooks=hooks)
+    signals = signal_figures(probed)
+    signals["questions"] = len(probed)
     splits = {s: len(org.world.of(split=s)) for s in ("known", "partial", "refusal", "unknown")}
     training = org.info.get("training", {})
     out = {
@@ -132,7 +136,7 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  {'PASS' if g['passed'] else 'FAIL'}  {name:<28} {value:>6}  (target {g['op']} {g['threshold']}, n={g['n']})")
     for key, v in figures["verdicts"].items():
         print(f"  {key:<20} " + ", ".join(f"{k} {n}" for k, n in sorted(v.items())))
-    print(f"signal gates ({signals['method']}):")
+    print(f"signal gates on {signals['questions']} held-out questions, every phrasing ({signals['method']}):")
     for line in _signal_table(signals):
         print("  " + line)
     return _gate_status(figures, signals)

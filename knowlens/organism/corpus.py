@@ -95,6 +95,20 @@ def build_corpus(world: World) -> Corpus:
     return Corpus(tuple(docs), tuple(subjects), tuple(held))
 
 
+def every_phrasing(world: World, items: tuple[EvalItem, ...] | list[EvalItem]) -> list[EvalItem]:
+    """Each held-out item asked in every phrasing the world has for it (question or biography templates):
+    still never trained, and more rows per entity for the signal probes."""
+    out = []
+    for it in items:
+        name = it.entity
+        if it.attribute is None:
+            templates = world.spec.biography_questions
+        else:
+            templates = world.spec.type(it.type).templates[it.attribute].questions
+        out += [EvalItem(it.entity, it.type, it.split, it.attribute, q.format(name=name), it.withheld) for q in templates]
+    return out
+
+
 def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
     """The training documents drawn afresh for ``epoch`` (and the entity name each is about), deterministic
     for the world's seed and the epoch: knowledge-augmented biographies and one-off-name questions
