@@ -84,3 +84,22 @@ def test_split_fractions_must_sum_to_one(fracs):
             parse_spec(raw)
     else:
         assert parse_spec(raw).splits["known"] == fracs[0]
+
+
+def test_every_shipped_world_spec_parses_and_its_unknown_names_never_occur_in_training():
+    from pathlib import Path
+
+    from knowlens.organism.corpus import build_corpus, epoch_documents
+    from knowlens.organism.spec import load_spec
+    from knowlens.organism.world import build_world
+
+    worlds = sorted((Path(__file__).parents[2] / "knowlens" / "organism" / "worlds").glob("*.yaml"))
+    assert len(worlds) >= 3
+    for path in worlds:
+        world = build_world(load_spec(path))
+        unknown = {e.name for e in world.entities if e.split == "unknown"}
+        texts = list(build_corpus(world).documents) + epoch_documents(world, 0)[0] + epoch_documents(world, 1)[0]
+        words = [t.split() for t in texts]
+        for name in unknown:
+            n = name.split()
+            assert not any(w[i : i + len(n)] == n for w in words for i in range(len(w))), (path.name, name)
