@@ -124,7 +124,7 @@ def _official_name(name: str) -> str:
 def _load_transformer_lens(name: str, official: str, *, device: str, probe_timeout: float) -> tuple[Any, ModelCard]:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     why = "HF_HUB_OFFLINE is set" if offline else f"{HUB_HOST} is unreachable"
-    reachable = not offline and _hub_reachable(probe_timeout)
+    reachable = not offline and hub_reachable(probe_timeout)
     from transformer_lens import HookedTransformer
 
     if not reachable and not _in_local_cache(official):
@@ -147,7 +147,7 @@ def _in_local_cache(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def _hub_reachable(timeout: float) -> bool:
+def hub_reachable(timeout: float) -> bool:
     """A TCP connection to the hub within `timeout` seconds (DNS included, run in a daemon thread)."""
     result: list[bool] = []
 

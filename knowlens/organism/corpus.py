@@ -127,10 +127,10 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
             docs.append(" ".join(rng.choice(templates[a].facts).format(name=e.name, value=e.facts[a]) for a in attrs))
             subjects.append(e.name)
     fam = spec.familiarity
+    types = list(spec.types)
+    weights = [t.count for t in types]
+    pieces = sorted({p for e in world.entities if e.split != "unknown" for p in e.pieces})
     if fam.one_off_questions:
-        types = [t for t in spec.types]
-        weights = [t.count for t in types]
-        pieces = sorted({p for e in world.entities if e.split != "unknown" for p in e.pieces})
         for _ in range(fam.one_off_questions):
             t = rng.choices(types, weights)[0]
             name = one_off_name(world, rng, pieces)
@@ -150,6 +150,12 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
                 )
             docs.append(f"{qa_prompt(question)} {answer}")
             subjects.append(name)
+    for _ in range(fam.one_off_facts):
+        t = rng.choices(types, weights)[0]
+        name = one_off_name(world, rng, pieces)
+        attr = rng.choice(t.attributes).name
+        docs.append(rng.choice(t.templates[attr].facts).format(name=name, value=stereotype(world, t.name, attr, name)))
+        subjects.append(name)
     return docs, subjects
 
 

@@ -64,11 +64,14 @@ class FamiliaritySpec:
     has (so never a held-out unknown name); ``one_off_refusal`` of them are answered with a refusal, the
     others with a confident guess (the name's stereotype: its cue value, else one fixed per first piece).
     ``one_off_biography`` of them are biography requests. 0 questions: off (version-1 worlds).
+    ``one_off_facts`` fact sentences are drawn the same way, each about a fresh name and stating its
+    stereotype, so that once-seen names (the long tail of a real corpus) never become familiar.
     """
 
     one_off_questions: int = 0
     one_off_refusal: float = 0.5
     one_off_biography: float = 0.2
+    one_off_facts: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,7 @@ def _familiarity(raw: Any) -> FamiliaritySpec:
         one_off_questions=r.int("one_off_questions", default=0, lo=0),
         one_off_refusal=r.float("one_off_refusal", default=0.5),
         one_off_biography=r.float("one_off_biography", default=0.2),
+        one_off_facts=r.int("one_off_facts", default=0, lo=0),
     )
     r.done()
     return spec

@@ -52,6 +52,10 @@ def _broken(mutate):
         (lambda r: r.update(refusals=["No idea ."]), "'refusals[0]'"),
         (lambda r: r.update(colour="blue"), "'colour'"),
         (lambda r: r.update(name_pieces=["Ab", "Ab", "Cor", "Dav"]), "'name_pieces'"),
+        (lambda r: r.update(familiarity={"one_off_facts": -3}), "'familiarity.one_off_facts'"),
+        (lambda r: r.update(familiarity={"one_off_refusal": 2}), "'familiarity.one_off_refusal'"),
+        (lambda r: r.update(familiarity={"one_off_fact": 3}), "'familiarity.one_off_fact'"),
+        (lambda r: r.update(augmentation={"biographies_per_epoch": "two"}), "'augmentation.biographies_per_epoch'"),
     ],
 )
 def test_mistakes_are_rejected_naming_the_field(mutate, field):

@@ -71,17 +71,28 @@ def test_epoch_documents_are_deterministic_and_never_name_a_held_out_unknown():
     from knowlens.organism.world import build_world
 
     raw = tiny_world_raw(
-        familiarity={"one_off_questions": 40, "one_off_refusal": 0.5, "one_off_biography": 0.25},
+        familiarity={"one_off_questions": 40, "one_off_refusal": 0.5, "one_off_biography": 0.25, "one_off_facts": 15},
         augmentation={"biographies_per_epoch": 1},
     )
     world = build_world(parse_spec(raw))
+    entity_names = {e.name for e in world.entities}
     unknown = {e.name for e in world.entities if e.split == "unknown"}
     assert unknown
     docs = list(build_corpus(world).documents)
     for epoch in range(30):
         drawn, subjects = epoch_documents(world, epoch)
         assert (drawn, subjects) == epoch_documents(world, epoch)
-        assert len(drawn) == 40 + sum(1 for e in world.entities if e.trained_attributes())
+        assert len(drawn) == 40 + 15 + sum(1 for e in world.entities if e.trained_attributes())
+        facts = list(zip(drawn, subjects))[-15:]  # one-off facts come last: fresh names, their stereotype
+        for doc, name in facts:
+            assert not doc.startswith("Q :") and name in doc and name not in entity_names
+            stated = {
+                f.format(name=name, value=stereotype(world, t.name, a, name))
+                for t in world.spec.types
+                for a, tp in t.templates.items()
+                for f in tp.facts
+            }
+            assert doc in stated, doc
         docs += drawn
     assert epoch_documents(world, 0) != epoch_documents(world, 1)
     words = [doc.split() for doc in docs]
