@@ -1,4 +1,5 @@
-"""`knowlens organism train|info`: train an organism on a world spec; measure its behaviour gates."""
+"""`knowlens organism train|info|train-saes`: train an organism on a world spec; measure its behaviour gates;
+train its SAEs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 
 TRAIN_DEFAULTS = {"epochs": 300}  # TrainConfig's default; kept in step by a test (the CLI imports no torch for --help)
+SAE_DEFAULTS = {"steps": 3000, "k": 32, "expansion": 8, "batch_tokens": 1024}  # SaeTrainConfig's; kept in step by a test
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="The model organism: a small TransformerLens model trained on a synthetic world whose every "
         "fact is known (world spec format: knowlens/organism/WORLD_SPEC.md).",
     )
-    verbs = p.add_subparsers(dest="organism_verb", metavar="{train,info}", required=True)
+    verbs = p.add_subparsers(dest="organism_verb", metavar="{train,info,train-saes}", required=True)
     p.set_defaults(command="organism")
     t = verbs.add_parser(
         "train",
@@ -54,6 +56,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the organism's operations "
                    "are small, and on a busy machine a second thread made info 10x slower, not faster)")
     i.set_defaults(run=run_info, command="organism info")
+    s = verbs.add_parser(
+        "train-saes",
+        help="train the organism's SAEs with sae-lens (one per hook) and report L0, explained variance, "
+        "dead latents and CE loss recovered",
+        description="Train one sparse autoencoder per hook of an organism (default: blocks.L.hook_resid_post of "
+        "every layer) with sae-lens's own training runner, on the organism's training corpus tokenized in memory "
+        "(one document per row, padding and <eos> positions left out): TopK, k latents active per token, "
+        f"{SAE_DEFAULTS['expansion']} x the hook's width latents, {SAE_DEFAULTS['batch_tokens']} tokens a step. "
+        "Each SAE is written in sae-lens's folder format (cfg.json + sae_weights.safetensors, loadable with "
+        "load_sae or SAE.load_from_disk) to OUT/<hook>/ with a metrics.json, then measured on the world's held-out "
+        "questions with their true answers (never trained): L0 (mean active latents per token), explained "
+        "variance, dead-latent fraction (never active there) and CE loss recovered when its reconstruction is "
+        "spliced in, (CE zero-ablated - CE spliced) / (CE zero-ablated - CE clean). Target (issue 8): loss "
+        "recovered >= 0.90 at L0 <= 32. Deterministic for a given organism, settings and thread count.",
+        epilog="example: knowlens organism train-saes --hooks blocks.2.hook_resid_post --steps 1000 --out my_saes/",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    s.add_argument("--model", default="organism", help="'organism' (shipped) or a folder from `organism train`")
+    s.add_argument("--hooks", nargs="+", metavar="H", default=None,
+                   help="hook points to train on (default: blocks.L.hook_resid_post of every layer)")
+    s.add_argument("--out", default=None, help="folder for the SAEs, one sub-folder per hook (default with --model "
+                   "organism: the shipped organism's knowlens/organism/data/saes; required otherwise)")
+    s.add_argument("--steps", type=int, default=SAE_DEFAULTS["steps"], help="training steps per SAE")
+    s.add_argument("--k", type=int, default=SAE_DEFAULTS["k"], help="latents active per token (TopK)")
+    s.add_argument("--d-sae", type=int, default=None,
+                   help=f"latents per SAE (default: {SAE_DEFAULTS['expansion']} x the hook's width)")
+    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)")
+    s.add_argument("--overwrite", action="store_true", help="replace SAEs already in --out for these hooks")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(run=run_train_saes, command="organism train-saes")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -84,6 +116,57 @@ def run_train(args: argparse.Namespace) -> int:
         f"trained {spec.name!r}: {info['steps']} steps in {info['train_seconds']:.1f} s "
         f"({info['threads']} threads), final loss {info['final_loss']:.4f}; written to {out}/"
     )
+    return 0
+
+
+def run_train_saes(args: argparse.Namespace) -> int:
+    from knowlens.errors import KnowlensError
+
+    for flag, value in (("--steps", args.steps), ("--k", args.k), ("--d-sae", args.d_sae), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise KnowlensError(f"{flag} must be >= 1, got {value}")
+    if args.out is None and args.model != "organism":
+        raise KnowlensError("--out is required unless --model is the shipped organism ('organism')")
+
+    import torch
+
+    from knowlens.capture.hooks import validate_hook_names
+    from knowlens.organism.store import load_organism, organism_path
+    from knowlens.outputs import check_output_dir
+    from knowlens.saes.load import ORGANISM_SAES
+    from knowlens.saes.train import (
+        TARGET_LOSS_RECOVERED,
+        TARGET_MAX_L0,
+        SaeTrainConfig,
+        resid_post_hooks,
+        train_organism_saes,
+    )
+
+    config = SaeTrainConfig(steps=args.steps, k=args.k, d_sae=args.d_sae)
+    path = organism_path(args.model)
+    torch.set_num_threads(args.threads)
+    org = load_organism(path)
+    hooks = validate_hook_names(org.model, args.hooks or resid_post_hooks(org.model.cfg.n_layers))
+    out = check_output_dir(args.out if args.out is not None else ORGANISM_SAES, overwrite=args.overwrite, owned=hooks)
+    results = train_organism_saes(org, hooks, out_dir=out, config=config, progress=not args.no_progress)
+    rows: list[list[str]] = [["hook", "L0", "expl. var.", "dead", "loss recovered", "(vs mean abl.)", "seconds", "target"]]
+    for hook, r in results.items():
+        e = r["eval"]
+        figures = [e[k] for k in ("l0", "explained_variance", "dead_fraction", "loss_recovered")]
+        figures.append(e["mean_ablation"]["loss_recovered"])
+        rows.append([hook, *("n/a" if v is None else f"{v:.{1 if i == 0 else 3}f}" for i, v in enumerate(figures)),
+                     f"{r['training']['seconds']:.1f}", "met" if r["target"]["met"] else "NOT met"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    first = next(iter(results.values()))
+    missed = [h for h, r in results.items() if not r["target"]["met"]]
+    print(f"evaluated on {first['eval']['rows']} held-out questions with their true answers "
+          f"({first['eval']['n_positions']} positions); loss recovered against zero ablation (and, for "
+          "comparison, against mean ablation)")
+    print(f"target loss recovered >= {TARGET_LOSS_RECOVERED:.2f} at L0 <= {TARGET_MAX_L0}: "
+          + ("met by every SAE" if not missed else f"NOT met by {', '.join(missed)}"))
+    print(f"written to {out}/ (one sae-lens folder with metrics.json per hook)")
     return 0
 
 

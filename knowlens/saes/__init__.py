@@ -1,5 +1,5 @@
-"""SAEs: load any sae-lens SAE (a pretrained release, a local folder, the organism's own) checked against a model
-(training the organism's SAEs and locating features come with later parts of issue 8).
+"""SAEs: load any sae-lens SAE (a pretrained release, a local folder, the organism's own) checked against a model;
+train SAEs with sae-lens's own runner and measure them (locating features comes with a later part of issue 8).
 
 Public API (re-exports only):
 
@@ -9,8 +9,41 @@ Public API (re-exports only):
   in sae-lens's format (``cfg.json`` + ``sae_weights.safetensors``) or ``"organism:<hook>"``
 * `parse_sae_spec(spec) -> SaeSpec` (``.kind``, ``.label``): how a spec is read, without loading anything
 * `check_sae(sae, model, *, label)`: the model check alone, for an SAE already in memory
+* `train_organism_saes(org, hooks=None, *, out_dir, config=SaeTrainConfig()) -> {hook: metrics}`: the organism's
+  SAEs (default: resid_post of every layer) trained with sae-lens's ``LanguageModelSAETrainingRunner`` on its corpus
+  in memory, each saved to ``out_dir/<hook>/`` in sae-lens's folder format with a ``metrics.json``
+* `train_sae(model, docs, hook, *, pad_id, config) -> TrainingSAE`: one SAE on any model's token documents
+* `SaeTrainConfig`: architecture (default TopK), width, k, steps, batch, lr, seed, context size (frozen)
+* `sae_metrics(model, sae, tokens, *, mask, ablation="zero") -> SaeMetrics`: L0, explained variance, dead-latent
+  fraction and CE loss recovered ``(CE_ablated - CE_spliced) / (CE_ablated - CE_clean)`` with the SAE spliced in
 """
 
-from knowlens.saes.load import SaeSpec, check_sae, load_sae, parse_sae_spec
+from __future__ import annotations
 
-__all__ = ["load_sae", "parse_sae_spec", "SaeSpec", "check_sae"]
+from typing import TYPE_CHECKING, Any
+
+from knowlens.saes.load import SaeSpec, check_sae, load_sae, parse_sae_spec
+from knowlens.saes.train import SaeTrainConfig, train_organism_saes, train_sae
+
+if TYPE_CHECKING:
+    from knowlens.saes.evaluate import SaeMetrics, sae_metrics
+
+__all__ = [
+    "load_sae",
+    "parse_sae_spec",
+    "SaeSpec",
+    "check_sae",
+    "train_organism_saes",
+    "train_sae",
+    "SaeTrainConfig",
+    "sae_metrics",
+    "SaeMetrics",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("sae_metrics", "SaeMetrics"):  # knowlens.saes.evaluate loads torch: only when asked for
+        from knowlens.saes import evaluate
+
+        return getattr(evaluate, name)
+    raise AttributeError(f"module 'knowlens.saes' has no attribute {name!r}")
