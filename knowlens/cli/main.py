@@ -12,6 +12,7 @@ VERBS = {
     "demo": "demo_cmd",
     "organism": "organism_cmd",
     "capture": "capture_cmd",
+    "features": "features_cmd",
 }
 
 DESCRIPTION = """\

@@ -1,6 +1,7 @@
 """SAEs: load any sae-lens SAE (a pretrained release, a local folder, the organism's own) checked against a model;
-train SAEs with sae-lens's own runner and measure them; locate the latents (and a residual direction) that track the
-model's input surprisal (locating entity-known features comes with a later part of issue 8).
+train SAEs with sae-lens's own runner and measure them; locate the latents that fire for entities the model knows
+(or does not), from contrast sets built without exemplars, and the latents (and a residual direction) that track the
+model's input surprisal.
 
 Public API (re-exports only):
 
@@ -24,17 +25,56 @@ Public API (re-exports only):
   a ridge direction on the hook's activation predicting ``s_t`` (held-out R^2 and Pearson r, split by sequence)
 * `SurpriseResult`: ``save(path)`` / ``load(path, model=...)`` (safetensors + JSON card, checked against the model)
 * `input_surprisal(model, tokens) -> (batch, pos)`: ``-log p(x_t | x_<t)`` in nats, NaN at position 0
+* `locate_entity_known(model, sae, known, unknown, *, templates, positions=("name", "answer"), max_frequency=0.02,
+  top=10, holdout=0.5, rank_by="separation", ...) -> {(position, direction): FeatureSet}`: per latent the activation
+  frequencies on known and unknown entities at the entity's last name token / the prompt's last token, separation
+  scores (minimum over entity types), mean difference and Welch's t; the top latents for each direction after the
+  generic-frequency filter, each with its AUROC on held-out entities (`knowlens.saes.entity`: definitions)
+* `entity_activations(model, sae, names, *, templates, latents=None) -> {position: (entity, template, n)}`;
+  `organism_templates(world)`: the world's type-free biography questions as Q/A prompt templates
+* `compare_with_truth(model, sae, world, found) -> TruthComparison`: the same locator on the world's true splits,
+  top-list overlap and AUROC of both lists on true held-out entities the exemplar-free sets did not use
+* `FeatureSet`: located latents with scores, decoder rows, held-out AUROC, every latent's statistics and how the
+  contrast sets were built; ``save(path)`` / ``load(path, model=...)`` (safetensors + JSON card, checked);
+  `latent_activations(model, sae, tokens, latents)`, `top_contexts(acts, mask, n=5)`
+* Contrast sets (`knowlens.saes.contrast`: definitions): `self_generated_entities(model, ...)` (names the model
+  writes facts about and repeats consistently), `fabricated_names(model, *, n, pieces, exclude_texts, ...)`
+  (rejecting any found in the training texts), `exemplar_free_contrast(model, ...)` (both, balanced),
+  `load_contrast_jsonl(path)` / `load_entity_list(path, label)` (a user's list), `EntitySet`, `Contrast`,
+  `capitalised_names(texts)`, `vocabulary_name_pieces(model)`, `name_pieces(names)`,
+  `organism_training_texts(org)`
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from knowlens.saes.contrast import (
+    Contrast,
+    EntitySet,
+    capitalised_names,
+    exemplar_free_contrast,
+    fabricated_names,
+    load_contrast_jsonl,
+    load_entity_list,
+    name_pieces,
+    organism_training_texts,
+    self_generated_entities,
+    vocabulary_name_pieces,
+)
 from knowlens.saes.load import SaeSpec, check_sae, load_sae, parse_sae_spec
 from knowlens.saes.train import SaeTrainConfig, train_organism_saes, train_sae
 
 if TYPE_CHECKING:
+    from knowlens.saes.entity import (
+        TruthComparison,
+        compare_with_truth,
+        entity_activations,
+        locate_entity_known,
+        organism_templates,
+    )
     from knowlens.saes.evaluate import SaeMetrics, sae_metrics
+    from knowlens.saes.features import FeatureSet, latent_activations, top_contexts
     from knowlens.saes.surprise import SurpriseResult, input_surprisal, locate_surprise
 
 __all__ = [
@@ -50,16 +90,47 @@ __all__ = [
     "locate_surprise",
     "SurpriseResult",
     "input_surprisal",
+    "locate_entity_known",
+    "entity_activations",
+    "organism_templates",
+    "compare_with_truth",
+    "TruthComparison",
+    "FeatureSet",
+    "latent_activations",
+    "top_contexts",
+    "Contrast",
+    "EntitySet",
+    "self_generated_entities",
+    "fabricated_names",
+    "exemplar_free_contrast",
+    "load_contrast_jsonl",
+    "load_entity_list",
+    "capitalised_names",
+    "vocabulary_name_pieces",
+    "name_pieces",
+    "organism_training_texts",
 ]
+
+_LAZY = {
+    "sae_metrics": "evaluate",
+    "SaeMetrics": "evaluate",
+    "locate_surprise": "surprise",
+    "SurpriseResult": "surprise",
+    "input_surprisal": "surprise",
+    "locate_entity_known": "entity",
+    "entity_activations": "entity",
+    "organism_templates": "entity",
+    "compare_with_truth": "entity",
+    "TruthComparison": "entity",
+    "FeatureSet": "features",
+    "latent_activations": "features",
+    "top_contexts": "features",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("sae_metrics", "SaeMetrics"):  # knowlens.saes.evaluate loads torch: only when asked for
-        from knowlens.saes import evaluate
+    if name in _LAZY:  # these modules load torch: only when asked for
+        import importlib
 
-        return getattr(evaluate, name)
-    if name in ("locate_surprise", "SurpriseResult", "input_surprisal"):  # loads torch too
-        from knowlens.saes import surprise
-
-        return getattr(surprise, name)
+        return getattr(importlib.import_module(f"knowlens.saes.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'knowlens.saes' has no attribute {name!r}")

@@ -174,3 +174,28 @@ def _pearson(a: Tensor, b: Tensor) -> float:
     a, b = a - a.mean(), b - b.mean()
     den = float(torch.sqrt((a * a).sum() * (b * b).sum()))
     return float((a * b).sum()) / den if den > 0 else math.nan
+
+
+def auroc(scores: Float[Tensor, " n"], labels: Tensor) -> float:
+    """Mann-Whitney AUROC: P(score of a random positive > that of a random negative), ties counted 1/2, from
+    the average ranks of ``scores``; NaN when a class is missing."""
+    s, y = scores.double().flatten(), labels.bool().flatten().to(scores.device)
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return math.nan
+    ranks = _segment_ranks(torch.zeros(len(s), dtype=torch.long, device=s.device), s)
+    return (float(ranks[y].sum()) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def welch_t(a: Float[Tensor, "n1 m"], b: Float[Tensor, "n0 m"]) -> Float[Tensor, " m"]:
+    """Welch's t of every column, ``(mean_a - mean_b) / sqrt(var_a / n1 + var_b / n0)`` (sample variances),
+    float64: 0 where both means and variances are equal and zero-spread, ±inf for different constant columns,
+    NaN when a side has fewer than 2 rows."""
+    a, b = a.double(), b.double()
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        return torch.full((a.shape[1],), math.nan, dtype=torch.float64, device=a.device)
+    diff = a.mean(0) - b.mean(0)
+    se = torch.sqrt(a.var(0, correction=1) / a.shape[0] + b.var(0, correction=1) / b.shape[0])
+    inf = torch.sign(diff) * math.inf
+    return torch.where(se > 0, diff / se.clamp(min=torch.finfo(torch.float64).tiny), torch.where(diff == 0, 0.0, inf))

@@ -35,8 +35,6 @@ them without unpickling and refuses a file that does not match its card or a mod
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, fields
@@ -47,7 +45,15 @@ import torch
 
 from knowlens.errors import KnowlensError
 from knowlens.fingerprint import check_same_model, model_identity
-from knowlens.outputs import atomic_write, atomic_write_text
+from knowlens.saes.activations import (
+    active_counts,
+    architecture,
+    checked_tokens,
+    default_label,
+    encode_latents,
+    flatten_heads,
+)
+from knowlens.saes.cards import load_with_card, one_line, save_with_card
 from knowlens.saes.stats import DEFAULT_L2_GRID, ridge_fit, spearman_sparse
 from knowlens.types import Bool, Float, Int, Tensor
 
@@ -89,53 +95,16 @@ class SurpriseResult:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path`` (``.safetensors`` appended if missing) and its ``.json`` card; return the tensor file."""
-        from safetensors.torch import save_file
-
-        tensors_path, card_path = _paths(path)
-        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
-        atomic_write(tensors_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-        card: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
-        for f in fields(self):
-            if f.name not in _TENSORS:
-                value = getattr(self, f.name)
-                card[f.name] = _json_safe(list(value) if isinstance(value, tuple) else value)
-        from knowlens.version import __version__
-
-        card["knowlens_version"] = __version__
-        card["tensors_sha256"] = hashlib.sha256(tensors_path.read_bytes()).hexdigest()
-        atomic_write_text(card_path, json.dumps(card, indent=2, allow_nan=False) + "\n")
-        return tensors_path
+        tensors = {name: getattr(self, name) for name in _TENSORS}
+        card = {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self) if f.name not in _TENSORS}  # fmt: skip
+        return save_with_card(path, tensors, card, fmt=FORMAT, version=FORMAT_VERSION)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, model: Any = None) -> SurpriseResult:
         """Read a saved result; with ``model``, refuse it unless it was made with that model's weights."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_bytes
-
-        tensors_path, card_path = _paths(path)
-        for p in (tensors_path, card_path):
-            if not p.is_file():
-                raise KnowlensError(f"surprise result {p}: no such file")
-        try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-            raise KnowlensError(f"surprise result {card_path}: not a readable JSON card ({_one_line(err)})") from None
-        if not isinstance(card, dict) or card.get("format") != FORMAT:
-            raise KnowlensError(f"surprise result {card_path}: not a knowlens surprise card")
-        if card.get("format_version") != FORMAT_VERSION:
-            raise KnowlensError(
-                f"surprise result {card_path}: format version {card.get('format_version')!r}, "
-                f"this knowlens reads {FORMAT_VERSION}"
-            )
-        data = tensors_path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != card.get("tensors_sha256"):
-            raise KnowlensError(
-                f"surprise result {tensors_path}: does not match {card_path.name} (truncated or replaced)"
-            )
-        try:
-            tensors = load_bytes(data)
-        except (SafetensorError, ValueError) as err:
-            raise KnowlensError(f"surprise result {tensors_path}: not a readable safetensors file ({_one_line(err)})") from None
+        card, tensors, (tensors_path, card_path) = load_with_card(path, fmt=FORMAT, version=FORMAT_VERSION,
+                                                                  what="surprise result")  # fmt: skip
         missing = [n for n in _TENSORS if n not in tensors]
         if missing:
             raise KnowlensError(f"surprise result {tensors_path}: missing tensors {', '.join(missing)}")
@@ -156,7 +125,7 @@ class SurpriseResult:
                 values[f.name] = value
             return cls(**values)
         except (KeyError, TypeError, ValueError) as err:
-            raise KnowlensError(f"surprise result {card_path}: malformed card ({type(err).__name__}: {_one_line(err)})") from None
+            raise KnowlensError(f"surprise result {card_path}: malformed card ({type(err).__name__}: {one_line(err)})") from None
 
 
 @torch.no_grad()
@@ -188,13 +157,13 @@ def locate_surprise(
         raise KnowlensError(f"top must be an integer >= 0, got {top!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise KnowlensError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    label = sae_label if sae_label is not None else _default_label(sae)
+    label = sae_label if sae_label is not None else default_label(sae)
     check_sae(sae, model, label=label)
     hook = sae.cfg.metadata.hook_name
     if sae.cfg.metadata.get("hook_head_index") is not None:
         raise KnowlensError(f"SAE {label} reads one attention head at {hook}; locate_surprise reads whole hooks only")
     device = next(iter(model.parameters())).device
-    tokens, mask = _checked(tokens, mask, device, what="tokens")
+    tokens, mask = checked_tokens(tokens, mask, device, what="tokens")
     d_sae = int(sae.cfg.d_sae)
 
     seen: dict[str, Tensor] = {}
@@ -215,9 +184,9 @@ def locate_surprise(
             seen.clear()
             s = _surprisal(model(toks, return_type="logits"), toks)
             act = seen["act"]
-            feats = _encode(sae, act)[valid]  # (n_batch, d_sae)
+            feats = encode_latents(sae, act)[valid]  # (n_batch, d_sae)
             surprisal.append(s[valid])
-            resid.append(_flat(act)[valid].float())
+            resid.append(flatten_heads(act)[valid].float())
             seqs.append(torch.nonzero(valid)[:, 0] + start)
             r, c = torch.nonzero(feats, as_tuple=True)
             rows.append(r + n)
@@ -236,8 +205,8 @@ def locate_surprise(
         active = torch.bincount(col[val > 0], minlength=d_sae)
         n_generic = n
     else:
-        g_tokens, g_mask = _checked(generic_tokens, generic_mask, device, what="generic_tokens")
-        active, n_generic = _active_counts(model, sae, hook, g_tokens, g_mask, batch_size)
+        g_tokens, g_mask = checked_tokens(generic_tokens, generic_mask, device, what="generic_tokens")
+        active, n_generic = active_counts(model, sae, hook, g_tokens, g_mask, batch_size)
     frequency_all = (active.double() / max(n_generic, 1)).cpu()
 
     score = torch.where((frequency_all <= max_frequency) & ~rho_all.isnan(), rho_all.abs(), -1.0)
@@ -279,7 +248,7 @@ def locate_surprise(
             "generic": "the analysed tokens" if generic_tokens is None else f"generic_tokens ({n_generic} tokens)",
             "alignment": "activation at position t vs s_t = -log p(x_t | x_<t) (nats), t >= 1",
             "active": "activation > 0",
-            "sae_architecture": _architecture(sae),
+            "sae_architecture": architecture(sae),
             "d_sae": d_sae,
         },
     )
@@ -301,58 +270,12 @@ def input_surprisal(
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _checked(tokens: Tensor, mask: Tensor | None, device: torch.device, *, what: str) -> tuple[Tensor, Tensor]:
-    """Tokens on ``device`` and the valid-token mask: ``mask`` (default all) with position 0 cleared."""
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise KnowlensError(f"{what} must be (batch, pos) with pos >= 2, got shape {tuple(tokens.shape)}")
-    if mask is None:
-        mask = torch.ones_like(tokens, dtype=torch.bool)
-    if mask.shape != tokens.shape:
-        raise KnowlensError(f"{what}: mask shape {tuple(mask.shape)} does not match tokens shape {tuple(tokens.shape)}")
-    valid = mask.to(device, torch.bool).clone()
-    valid[:, 0] = False
-    return tokens.to(device), valid
-
-
 def _surprisal(logits: Tensor, tokens: Tensor) -> Tensor:
     """(batch, pos) float64: -log p(tokens[:, t] | tokens[:, :t]) from the logits at t - 1; NaN at t = 0."""
     logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
     s = torch.full(tokens.shape, math.nan, dtype=torch.float64, device=logits.device)
     s[:, 1:] = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     return s
-
-
-def _flat(t: Tensor) -> Tensor:
-    """(batch, pos, ...) -> (batch, pos, prod(...)), head dimensions flattened as sae-lens does."""
-    return t if t.ndim == 3 else t.reshape(*t.shape[:2], -1)
-
-
-def _encode(sae: Any, act: Tensor) -> Tensor:
-    """The SAE's latents (batch, pos, d_sae) for the hook's activation (batch, pos, ...)."""
-    act = act.to(sae.W_dec.dtype)
-    if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
-        return sae.encode(act)  # the SAE flattens the heads itself
-    return sae.encode(_flat(act))
-
-
-def _active_counts(model: Any, sae: Any, hook: str, tokens: Tensor, valid: Tensor, batch_size: int) -> tuple[Tensor, int]:
-    """Per latent, the number of valid tokens of ``tokens`` on which it is > 0; and the number of valid tokens."""
-    from knowlens.capture.hooks import stop_layer_for
-
-    seen: dict[str, Tensor] = {}
-
-    def capture(act: Tensor, hook: Any) -> None:
-        seen["act"] = act.detach()
-
-    stop = stop_layer_for(model, [hook])
-    counts = torch.zeros(int(sae.cfg.d_sae), dtype=torch.long, device=tokens.device)
-    with model.hooks(fwd_hooks=[(hook, capture)]):
-        for start in range(0, tokens.shape[0], batch_size):
-            seen.clear()
-            model(tokens[start : start + batch_size], stop_at_layer=stop)
-            feats = _encode(sae, seen["act"])[valid[start : start + batch_size]]
-            counts += (feats > 0).sum(0).to(counts.device)
-    return counts, int(valid.sum())
 
 
 def _check_shapes(t: dict[str, Tensor], path: Path) -> None:
@@ -368,38 +291,3 @@ def _check_shapes(t: dict[str, Tensor], path: Path) -> None:
         raise KnowlensError(f"surprise result {path}: latents / test_sequences are not 1-D integer tensors")
 
 
-def _default_label(sae: Any) -> str:
-    meta = sae.cfg.metadata
-    release, sae_id = meta.get("release"), meta.get("sae_id")
-    if release and sae_id:
-        return f"{release}:{sae_id}"
-    return f"SAE at {meta.get('hook_name')}"
-
-
-def _architecture(sae: Any) -> str:
-    try:
-        return str(sae.cfg.architecture())
-    except (AttributeError, TypeError):
-        return type(sae).__name__
-
-
-def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    p = Path(path)
-    if p.suffix != ".safetensors":
-        p = p.with_name(p.name + ".safetensors")
-    return p, p.with_suffix(".json")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
-
-
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
