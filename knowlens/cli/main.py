@@ -13,6 +13,7 @@ VERBS = {
     "organism": "organism_cmd",
     "capture": "capture_cmd",
     "features": "features_cmd",
+    "probe": "probe_cmd",
 }
 
 DESCRIPTION = """\

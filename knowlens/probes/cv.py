@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Shaped
 
 from knowlens.errors import KnowlensError
-from knowlens.probes.logistic import fit_logistic, fit_logistic_path
+from knowlens.probes.logistic import ClassWeight, fit_logistic, fit_logistic_path
 from knowlens.probes.metrics import GroupsArg, auroc, group_codes
 from knowlens.types import Float, Int, Tensor
 
@@ -106,11 +106,12 @@ def select_l2(
     l2_grid: Sequence[float],
     k: int = 3,
     seed: int = 0,
+    class_weight: ClassWeight = None,
 ) -> tuple[float, Float[Tensor, " n_l2"]]:
     """The L2 strength with the best inner out-of-fold AUROC on these rows, and every strength's AUROC.
 
     ``k`` is lowered to the number of groups holding the rarer class when that is smaller. Ties go to the
-    stronger penalty.
+    stronger penalty. ``class_weight`` is passed to every fit (`fit_logistic`).
     """
     grid = sorted((float(v) for v in l2_grid), reverse=True)  # strongest first: argmax keeps the first tie
     k = min(k, max_folds(y, groups))
@@ -118,7 +119,7 @@ def select_l2(
     scores = torch.zeros(len(grid), len(y), dtype=torch.float64, device=X.device)
     for f in range(k):
         tr, te = folds != f, folds == f
-        for j, probe in enumerate(fit_logistic_path(X[tr], y[tr], l2_grid=grid)):
+        for j, probe in enumerate(fit_logistic_path(X[tr], y[tr], l2_grid=grid, class_weight=class_weight)):
             scores[j, te] = probe.decision(X[te])
     aucs = torch.tensor([auroc(s, y) for s in scores], dtype=torch.float64)
     return grid[int(torch.argmax(aucs))], aucs
@@ -133,9 +134,11 @@ def cross_validate(
     k: int = 5,
     inner_k: int = 3,
     seed: int = 0,
+    class_weight: ClassWeight = None,
 ) -> CVResult:
     """Out-of-fold scores from ``k`` folds grouped by ``groups`` (stratified by ``y``), L2 chosen inside each."""
-    return cross_validate_select({"x": X}, y, groups, l2_grid=l2_grid, k=k, inner_k=inner_k, seed=seed).nested
+    return cross_validate_select({"x": X}, y, groups, l2_grid=l2_grid, k=k, inner_k=inner_k, seed=seed,
+                                 class_weight=class_weight).nested  # fmt: skip
 
 
 def cross_validate_select(
@@ -147,6 +150,7 @@ def cross_validate_select(
     k: int = 5,
     inner_k: int = 3,
     seed: int = 0,
+    class_weight: ClassWeight = None,
 ) -> SelectionResult:
     """`cross_validate` over several feature matrices of the same rows (their widths may differ).
 
@@ -169,9 +173,10 @@ def cross_validate_select(
         for c in names:
             X = candidates[c]
             dev_tr, dev_te = tr.to(X.device), te.to(X.device)
-            l2, aucs = select_l2(X[dev_tr], ylab[tr].to(X.device), codes[tr], l2_grid=l2_grid, k=inner_k, seed=seed + 1 + f)
+            l2, aucs = select_l2(X[dev_tr], ylab[tr].to(X.device), codes[tr], l2_grid=l2_grid, k=inner_k,
+                                 seed=seed + 1 + f, class_weight=class_weight)  # fmt: skip
             inner_best[c] = float(aucs.max())
-            probe = fit_logistic(X[dev_tr], ylab[tr].to(X.device), l2=l2)
+            probe = fit_logistic(X[dev_tr], ylab[tr].to(X.device), l2=l2, class_weight=class_weight)
             oof[c][te] = probe.decision(X[dev_te]).cpu()
             l2s[c].append(l2)
         pick = max(names, key=lambda c: inner_best[c])  # first of equals: candidates' order breaks ties

@@ -1,4 +1,10 @@
-"""AUROC (Mann-Whitney, ties counted half) and a grouped bootstrap of it; torch only, no scikit-learn.
+"""AUROC (Mann-Whitney, ties counted half) and a grouped bootstrap of it; calibration metrics (ECE, Brier,
+log-loss) of predicted probabilities; torch only, no scikit-learn.
+
+ECE (expected calibration error) with ``B`` equal-width bins: bin ``b`` holds the rows with
+``b / B <= p < (b + 1) / B`` (the last bin also ``p = 1``), and ``ECE = sum_b (n_b / n) |mean(y in b) - mean(p in b)|``
+over the non-empty bins, ``p`` the predicted probability of class 1. Brier: ``mean((p - y)^2)``. Log-loss: the mean
+negative log-likelihood ``-mean(y log p + (1 - y) log(1 - p))``, with ``p`` clipped to ``[eps, 1 - eps]``.
 
 The bootstrap resamples *groups* (entities) with replacement, each drawn group bringing all its rows, so
 rows of one entity, which are not independent, move together. It resamples the evaluation only: the scores
@@ -98,3 +104,39 @@ def _weighted_auroc(
     w_pos = weights[:, pos]
     total = w_pos.sum(1) * neg_w.sum(1)
     return torch.where(total > 0, (w_pos * wins).sum(1) / total, torch.nan)
+
+
+def ece(probs: Float[Tensor, " n"], labels: Shaped[Tensor, " n"], *, n_bins: int = 10) -> float:
+    """Expected calibration error of probabilities ``probs`` of class 1 (module docstring: the bins)."""
+    p, y = _checked_probs(probs, labels)
+    if not (isinstance(n_bins, int) and n_bins >= 1):
+        raise KnowlensError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    inner = torch.tensor([b / n_bins for b in range(1, n_bins)], dtype=torch.float64, device=p.device)
+    idx = torch.bucketize(p, inner, right=True)  # b: inner[b - 1] <= p < inner[b]
+    gap = torch.zeros(n_bins, dtype=torch.float64, device=p.device).index_add_(0, idx, y - p)
+    return float(gap.abs().sum() / len(p))  # sum_b n_b/n * |mean(y - p)| = sum_b |sum(y - p)| / n
+
+
+def brier(probs: Float[Tensor, " n"], labels: Shaped[Tensor, " n"]) -> float:
+    """Mean squared difference between the probability of class 1 and the 0/1 label."""
+    p, y = _checked_probs(probs, labels)
+    return float(((p - y) ** 2).mean())
+
+
+def log_loss(probs: Float[Tensor, " n"], labels: Shaped[Tensor, " n"], *, eps: float = 1e-15) -> float:
+    """Mean negative log-likelihood (nats) of 0/1 ``labels`` under probabilities ``probs`` of class 1."""
+    p, y = _checked_probs(probs, labels)
+    p = p.clamp(eps, 1 - eps)
+    return float(-(y * torch.log(p) + (1 - y) * torch.log1p(-p)).mean())
+
+
+def _checked_probs(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    p = probs.detach().to(torch.float64).flatten()
+    y = labels.detach().to(p.device, torch.float64).flatten()
+    if len(p) == 0 or len(p) != len(y):
+        raise KnowlensError(f"need as many labels as probabilities (and at least one); got {len(y)} and {len(p)}")
+    if not bool(((p >= 0) & (p <= 1)).all()):
+        raise KnowlensError("probabilities must lie in [0, 1] (and not be NaN)")
+    if not bool(((y == 0) | (y == 1)).all()):
+        raise KnowlensError("labels must be 0/1 or bool")
+    return p, y
