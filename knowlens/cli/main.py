@@ -13,6 +13,9 @@ VERBS = {
     "organism": "organism_cmd",
     "capture": "capture_cmd",
     "features": "features_cmd",
+    "ablate": "ablate_cmd",
+    "steer": "steer_cmd",
+    "patch": "patch_cmd",
     "probe": "probe_cmd",
 }
 

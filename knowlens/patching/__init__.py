@@ -20,6 +20,19 @@ Public API (re-exports only):
 * `PatchResult`: ``values (layer, pos | head)``, ``axes``, ``labels``, ``metric_name``, clean/corrupted metric,
   ``recovered()``, ``to_dict()``
 * metrics: `logit_diff(answer_id, wrong_id, *, position=-1)`, `token_prob(ids, *, position=-1)`, `Metric`
+* `attribution_patch(model, clean, corrupted, metric, *, site="resid_pre", metric_hooks=()) -> AttributionResult`
+  (and `attribution_patch_sweep(..., sites=SITES)`): gradient x activation difference, the gradient taken on the
+  corrupted run, ``values[L, p] = sum (a_clean - a_corrupted) . dm/da``, the first-order estimate of
+  ``activation_patch(...).values - corrupted_metric``; a metric on ``(logits, acts)`` with ``metric_hooks``
+  (e.g. a probe's score); `attribute_latents(model, sae, clean, corrupted, metric) -> LatentAttribution`: onto an
+  SAE's latents ``(pos, d_sae)`` with the error term as its own row; `attribution_vs_activation(...) ->
+  AttributionCheck` (Pearson / Spearman against real activation patching); `pearson`, `spearman`
+* `dose_response(model, prompts, direction, hook, alphas, *, unit="resid_norm", max_new_tokens=24,
+  is_refusal=None, refusal_ids=None, measure=None, control=None | "random", seed=0) -> DoseResponse`
+  (``rows``: refusal rate, refusal probability, entropy and top-1 probability at the answer and over the answer,
+  per direction and alpha; ``per_prompt``; ``figure()``); `measure_generations(model, prompts, *interventions,
+  ...)`; `refusal_matcher(templates=None)` (default: the organism's refusals), `refusal_token_ids(model,
+  templates, prompt=...)`, `random_direction_like(direction, seed=0)`
 """
 
 from knowlens.patching.activation import (
@@ -30,6 +43,25 @@ from knowlens.patching.activation import (
     activation_patch_sweep,
     logit_diff,
     token_prob,
+)
+from knowlens.patching.attribution import (
+    AttributionCheck,
+    AttributionResult,
+    LatentAttribution,
+    attribute_latents,
+    attribution_patch,
+    attribution_patch_sweep,
+    attribution_vs_activation,
+    pearson,
+    spearman,
+)
+from knowlens.patching.dose import (
+    DoseResponse,
+    dose_response,
+    measure_generations,
+    random_direction_like,
+    refusal_matcher,
+    refusal_token_ids,
 )
 from knowlens.patching.interventions import (
     Intervention,
@@ -56,4 +88,19 @@ __all__ = [
     "logit_diff",
     "token_prob",
     "SITES",
+    "attribution_patch",
+    "attribution_patch_sweep",
+    "attribute_latents",
+    "attribution_vs_activation",
+    "AttributionResult",
+    "LatentAttribution",
+    "AttributionCheck",
+    "pearson",
+    "spearman",
+    "dose_response",
+    "DoseResponse",
+    "measure_generations",
+    "refusal_matcher",
+    "refusal_token_ids",
+    "random_direction_like",
 ]
