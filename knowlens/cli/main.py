@@ -17,6 +17,7 @@ VERBS = {
     "steer": "steer_cmd",
     "patch": "patch_cmd",
     "probe": "probe_cmd",
+    "label": "label_cmd",
 }
 
 DESCRIPTION = """\

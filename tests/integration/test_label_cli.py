@@ -1,0 +1,167 @@
+"""`knowlens label`: on the shipped organism one prompt is labelled and written (JSONL with the grader's classes, HTML)
+in well under 30 s; on a random-weight word-level model the printed tokens match the JSONL labels, colour only on a
+terminal, --fit-pseudo is wired to `fit_pseudo_probes`; every bad input is one line, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from knowlens.cli import label_cmd
+from knowlens.cli.main import main
+from knowlens.probes import InputRule, fit_probe, save_probe
+from tests.helpers import word_level_model
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def make_probe(path: Path, model_or_identity, *, d: int, hook: str = HOOK, position: str = "before_token", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(60, d, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(d, generator=g, dtype=torch.float64) > 0
+    fit = fit_probe(X, y, [i // 2 for i in range(60)], k=3, n_boot=0)
+    save_probe(path, fit, model=model_or_identity, hook=hook, position=position,
+               input_rule=InputRule("residual", d, d), label_source="random direction (test)")  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def word_model():
+    return word_level_model()
+
+
+@pytest.fixture(scope="module")
+def probe_file(word_model, tmp_path_factory):
+    return make_probe(tmp_path_factory.mktemp("p") / "rel.safetensors", word_model, d=32)
+
+
+@pytest.fixture
+def loads(word_model, monkeypatch):
+    calls: list[str] = []
+
+    def fake_load(name, device):
+        calls.append(name)
+        return word_model, None
+
+    monkeypatch.setattr(label_cmd, "_load_model", fake_load)
+    return calls
+
+
+def test_organism_one_prompt_under_30_s(tmp_path, capsys):
+    from knowlens.organism.store import SHIPPED
+
+    record = json.loads((SHIPPED / "config.json").read_text())
+    cfg = record["config"]
+    identity = {"name": "organism", "fingerprint": record["fingerprint"], "shape_fingerprint": record["shape_fingerprint"],
+                "d_model": cfg["d_model"], "n_layers": cfg["n_layers"], "d_vocab": cfg["d_vocab"]}  # fmt: skip
+    probe = make_probe(tmp_path / "p.safetensors", identity, d=cfg["d_model"], hook="blocks.3.hook_resid_post")
+    out, page = tmp_path / "labels.jsonl", tmp_path / "labels.html"
+    start = time.perf_counter()
+    code = main(["label", "--probe", str(probe), "--prompt", "Q : Tell me about Mor Tav . A :", "--out", str(out),
+                 "--html", str(page), "--no-progress"])  # fmt: skip
+    elapsed = time.perf_counter() - start
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert elapsed < 30, f"knowlens label took {elapsed:.1f} s on one prompt, model loading included"
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["prompt"] == "Q : Tell me about Mor Tav . A :" and rec["tokens"]
+    assert all(t["class"] in ("correct", "hallucinated", "refusal", "other") for t in rec["tokens"])
+    assert rec["model"]["fingerprint"] == record["fingerprint"]
+    assert "p-reliable-heatmap" in page.read_text() and "\x1b[" not in printed.out
+    assert printed.out.splitlines()[0] == "[0] Q : Tell me about Mor Tav . A :"
+
+
+def test_printed_tokens_match_the_jsonl(probe_file, loads, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w4 w5\nw6 w7 w8\n")
+    out = tmp_path / "l.jsonl"
+    code = main(["label", "--model", "tiny", "--probe", str(probe_file), "--prompts", str(prompts), "--out", str(out),
+                 "--max-new-tokens", "5", "--threshold", "0.6", "--no-progress"])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert loads == ["tiny"]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    lines = printed.out.splitlines()
+    assert len(records) == 2 and lines[0] == "[0] w4 w5" and lines[2] == "[1] w6 w7 w8"
+    for rec, line in zip(records, (lines[1], lines[3])):
+        shown = " ".join(t["text"] if t["label"] == "reliable" else f"[{t['text']}]" for t in rec["tokens"])
+        assert line == "    " + shown and rec["threshold"] == 0.6
+        assert all((t["p_reliable"] >= 0.6) == (t["label"] == "reliable") for t in rec["tokens"])
+    assert "class" not in records[0]["tokens"][0]  # no ground truth off an organism
+    # colour on a terminal, none with --no-color
+    monkeypatch.setattr(label_cmd.sys.stdout, "isatty", lambda: True)
+    assert main(["label", "--model", "tiny", "--probe", str(probe_file), "--prompt", "w4 w5", "--no-progress"]) == 0
+    assert "\x1b[3" in capsys.readouterr().out
+    assert main(["label", "--model", "tiny", "--probe", str(probe_file), "--prompt", "w4 w5", "--no-progress",
+                 "--no-color"]) == 0  # fmt: skip
+    assert "\x1b[" not in capsys.readouterr().out
+
+
+def test_fit_pseudo_is_wired(word_model, loads, tmp_path, capsys, monkeypatch):
+    import knowlens.probes.pseudo as pseudo
+
+    calls = []
+
+    def fake_fit(model, prompts, *, hooks, out_dir, sources, k, seed, groups, model_name, options):
+        calls.append({"prompts": list(prompts), "sources": sources, "k": k, "dir": Path(out_dir), "hooks": hooks})
+        make_probe(Path(out_dir) / "self_consistency.safetensors", model, d=32, hook=hooks[-1])
+        pseudo_card = {"counts": {"label_1": 5, "label_0": 3}, "hook": hooks[-1]}
+        return {"self_consistency": SimpleNamespace(training={"pseudo": pseudo_card}, metrics={"oof_auroc": 0.7})}
+
+    monkeypatch.setattr(pseudo, "fit_pseudo_probes", fake_fit)
+    fit_prompts = tmp_path / "fit.txt"
+    fit_prompts.write_text("\n".join(f"w{i} w{i + 1}" for i in range(4, 14)) + "\n")
+    out = tmp_path / "l.jsonl"
+    code = main(["label", "--model", "tiny", "--prompt", "w4 w5", "--fit-pseudo", "6", "--fit-prompts", str(fit_prompts),
+                 "--fit-k", "3", "--out", str(out), "--no-progress"])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    (call,) = calls
+    assert call["prompts"] == [f"w{i} w{i + 1}" for i in range(4, 10)] and call["k"] == 3
+    assert call["sources"] == ("self_consistency",) and call["hooks"] == ("blocks.0.hook_resid_post", HOOK)
+    assert not call["dir"].exists()  # a temporary folder, removed once the labels are made
+    assert json.loads(out.read_text())["probes"] == ["self_consistency"] and "5 pseudo-reliable" in printed.err
+    keep = tmp_path / "kept"
+    assert main(["label", "--model", "tiny", "--prompt", "w4 w5", "--fit-pseudo", "6", "--fit-prompts",
+                 str(fit_prompts), "--save-probes", str(keep), "--no-progress"]) == 0  # fmt: skip
+    assert sorted(p.name for p in keep.iterdir()) == ["self_consistency.json", "self_consistency.safetensors"]
+
+
+def test_bad_input_is_one_line(probe_file, loads, tmp_path, capsys, word_model):
+    exists = tmp_path / "exists.jsonl"
+    exists.write_text("x\n")
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = make_probe(other_dir / "other.safetensors", {"name": "other", "fingerprint": "0123456789abcdef",
+                       "shape_fingerprint": "x"}, d=32)  # fmt: skip
+    p = ["--model", "tiny", "--probe", str(probe_file)]
+    cases = [
+        (["--model", "tiny", "--probe", str(probe_file)], "give the prompts", False),
+        ([*p, "--prompt", "w4", "--prompts", "x.txt"], "give the prompts", False),
+        ([*p, "--prompt", "w4", "--out", str(tmp_path / "l.json")], "must end in .jsonl", False),
+        ([*p, "--prompt", "w4", "--out", str(exists)], "pass --overwrite", False),
+        ([*p, "--prompt", "w4", "--html", str(tmp_path / "r.htm")], "must end in .html", False),
+        (["--model", "tiny", "--probe", str(tmp_path / "none.safetensors"), "--prompt", "w4"], "no such file", False),
+        ([*p, "--prompt", "w4", "--threshold", "1.5"], "--threshold", False),
+        ([*p, "--prompt", "w4", "--max-new-tokens", "0"], "--max-new-tokens", False),
+        ([*p, "--prompt", " "], "is empty", False),
+        ([*p, "--prompts", str(tmp_path / "missing.txt")], "no such file", False),
+        (["--model", "tiny", "--prompt", "w4"], "knowlens probe export", False),
+        ([*p, "--prompt", "w4", "--fit-prompts", str(exists)], "go with --fit-pseudo", False),
+        ([*p, "--prompt", "w4", "--fit-pseudo", "1"], "at least 2", False),
+        (["--model", "tiny", "--probe", str(other), "--prompt", "w4"], "was made with model", True),
+        ([*p, "--prompt", "w4", "--max-new-tokens", "100"], "exceeds the model's context", True),
+    ]
+    for argv, match, loaded in cases:
+        loads.clear()
+        code = main(["label", *argv, "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (argv, err)
+        assert len(err.splitlines()) == 1 and err.startswith("knowlens label: error:") and match in err, (argv, err)
+        assert bool(loads) == loaded, (argv, loads)  # checked before the model loads where it can be
+    assert exists.read_text() == "x\n" and not (tmp_path / "l.json").exists()
