@@ -16,6 +16,8 @@ Public API (re-exports only):
   in memory, each saved to ``out_dir/<hook>/`` in sae-lens's folder format with a ``metrics.json``
 * `train_sae(model, docs, hook, *, pad_id, config) -> TrainingSAE`: one SAE on any model's token documents
 * `SaeTrainConfig`: architecture (default TopK), width, k, steps, batch, lr, seed, context size (frozen)
+* `held_out_texts(org) -> [str]`: each held-out question of an organism's world followed by its true answer (text
+  neither the organism nor its SAEs were trained on; what `train_organism_saes` evaluates on)
 * `sae_metrics(model, sae, tokens, *, mask, ablation="zero") -> SaeMetrics`: L0, explained variance, dead-latent
   fraction and CE loss recovered ``(CE_ablated - CE_spliced) / (CE_ablated - CE_clean)`` with the SAE spliced in
 * `locate_surprise(model, sae, tokens, *, mask=None, generic_tokens=None, max_frequency=0.02, top=10, ...)
@@ -63,7 +65,7 @@ from knowlens.saes.contrast import (
     vocabulary_name_pieces,
 )
 from knowlens.saes.load import SaeSpec, check_sae, load_sae, parse_sae_spec
-from knowlens.saes.train import SaeTrainConfig, train_organism_saes, train_sae
+from knowlens.saes.train import SaeTrainConfig, held_out_texts, train_organism_saes, train_sae
 
 if TYPE_CHECKING:
     from knowlens.saes.entity import (
@@ -85,6 +87,7 @@ __all__ = [
     "train_organism_saes",
     "train_sae",
     "SaeTrainConfig",
+    "held_out_texts",
     "sae_metrics",
     "SaeMetrics",
     "locate_surprise",
