@@ -18,6 +18,7 @@ VERBS = {
     "patch": "patch_cmd",
     "probe": "probe_cmd",
     "label": "label_cmd",
+    "eval": "eval_cmd",
 }
 
 DESCRIPTION = """\
