@@ -83,12 +83,37 @@ def grouped_folds(
         load[f] += counts[g]
     if labels is not None:
         present = counts.sum(0) > 0
+        _repair(fold_of_group, load, counts, present)
         empty = [(f, c) for f in range(k) for c in range(n_cls) if present[c] and load[f, c] == 0]
         if empty:
             f, c = empty[0]
             n_c = int((counts[:, c] > 0).sum())
             raise KnowlensError(f"fold {f} of {k} has no row of class {c}: only {n_c} groups hold that class")
     return fold_of_group[codes]
+
+
+def _repair(fold_of_group: Tensor, load: Tensor, counts: Tensor, present: Tensor) -> None:
+    """Give every fold a row of every present class where the balanced deal left none: move the smallest group
+    holding the missing class from the fold with the most such groups (when it has two or more), as long as the
+    move empties no other class of that fold. In place; a no-op when no fold lacks a class."""
+    k, n_cls = load.shape
+    for _ in range(k * n_cls):
+        empty = [(f, c) for f in range(k) for c in range(n_cls) if present[c] and load[f, c] == 0]
+        if not empty:
+            return
+        f, c = empty[0]
+        holders = [(int(((fold_of_group == d) & (counts[:, c] > 0)).sum()), d) for d in range(k)]
+        n_max, donor = max(holders)
+        if n_max < 2:
+            return
+        candidates = [g for g in torch.nonzero((fold_of_group == donor) & (counts[:, c] > 0)).flatten().tolist()
+                      if bool(((load[donor] - counts[g] > 0) | ~present).all())]  # fmt: skip
+        if not candidates:
+            return
+        g = min(candidates, key=lambda i: (float(counts[i].sum()), i))
+        fold_of_group[g] = f
+        load[donor] -= counts[g]
+        load[f] += counts[g]
 
 
 def max_folds(labels: Shaped[Tensor, " n"], groups: GroupsArg) -> int:

@@ -187,3 +187,22 @@ def test_l2_is_chosen_on_training_fold_rows_only(monkeypatch):
     assert torch.equal(again.fold, res.fold)
     assert again.l2[0] == res.l2[0]
     assert not torch.equal(again.scores[zero], res.scores[zero])
+
+
+def test_grouped_folds_give_every_fold_the_rare_class_when_it_is_concentrated():
+    # three large groups hold most class-1 rows and two hold one each: a deal balanced by row counts alone
+    # leaves a fold without class 1; the repair moves a small class-1 group there
+    groups, labels = [], []
+    for g, n1 in enumerate([40, 40, 40, 1, 1]):
+        groups += [g] * (n1 + 5)
+        labels += [1] * n1 + [0] * 5
+    for g in range(5, 45):
+        groups += [g] * 6
+        labels += [0] * 6
+    y = torch.tensor(labels)
+    folds = grouped_folds(groups, 5, labels=y)
+    for f in range(5):
+        assert int(((folds == f) & (y == 1)).sum()) > 0 and int(((folds == f) & (y == 0)).sum()) > 0
+    codes = torch.tensor(groups)
+    for g in range(45):  # a group never straddles folds
+        assert len(set(folds[codes == g].tolist())) == 1
