@@ -27,6 +27,10 @@ output: each generation on stdout, tokens coloured green (reliable) or red (unre
 terminal, or --no-color) unreliable tokens are shown [in brackets]. --out: JSONL, one object per generation
 (tokens with p_reliable, label and every signal; on an organism the grader's class too); --html: a
 self-contained report (tokens coloured by p_reliable, signals on hover).
+explain: --explain attaches to every unreliable token the residual positions (at blocks.0.hook_resid_pre: input x
+gradient) and, with --sae, the SAE latents that most drive the primary probe's decision (activation x
+gradient, one backward per token; knowlens/labels/explain.py): "explanation" in the JSONL, "why" on hover in the
+HTML; the summary line gives the seconds per explained token.
 example: knowlens label --prompt "Q : Where was Mor Tav born ? A :" --fit-pseudo 128 --out labels.jsonl
            --html labels.html"""
 
@@ -58,6 +62,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fit-prompts", type=Path, default=None, metavar="FILE", help="prompts for --fit-pseudo")
     p.add_argument("--fit-k", type=int, default=8, help="sampled answers per prompt for --fit-pseudo (default 8)")
     p.add_argument("--save-probes", type=Path, default=None, metavar="DIR", help="keep the --fit-pseudo probe files")
+    p.add_argument("--explain", action="store_true",
+                   help="attach to each unreliable token the positions (and --sae latents) driving its probe score")
+    p.add_argument("--sae", default=None, metavar="S",
+                   help="SAE for --explain's latents (and for probes over SAE latents): 'release:sae_id', an SAE "
+                   "folder or organism:<hook>; its hook must be at or before the primary probe's")  # fmt: skip
+    p.add_argument("--explain-top", type=int, default=5, metavar="K", help="entries per explanation (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed for --fit-pseudo sampling (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -75,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     # every argument is checked before the model loads
     check_device(args.device)
     for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1),
-                             ("--fit-k", args.fit_k, 1), ("--threads", args.threads, 1)):  # fmt: skip
+                             ("--fit-k", args.fit_k, 1), ("--threads", args.threads, 1),
+                             ("--explain-top", args.explain_top, 1)):  # fmt: skip
         if value is not None and value < low:
             raise KnowlensError(f"{flag} must be >= {low}, got {value}")
     if args.threshold is not None and not 0 < args.threshold < 1:
@@ -109,14 +120,19 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     model, org = _load_model(args.model, args.device)
+    sae = None
+    if args.sae is not None:
+        from knowlens.saes import load_sae
+
+        sae = load_sae(args.sae, model)
     from knowlens.labels import label_generation
 
     with tempfile.TemporaryDirectory(prefix="knowlens-pseudo-") as tmp:
         if args.fit_pseudo is not None:
             probes = [*probes, _fit(model, org, args, fit_prompts, args.save_probes or Path(tmp))]
         labels = label_generation(model, prompts, probes, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
-                                  combine=args.combine, batch_size=args.batch_size,
-                                  progress=not args.no_progress)  # fmt: skip
+                                  combine=args.combine, batch_size=args.batch_size, sae=sae, explain=args.explain,
+                                  explain_top_k=args.explain_top, progress=not args.no_progress)  # fmt: skip
     if org is not None:
         labels = _graded(labels, org)
     colour = not args.no_color and sys.stdout.isatty()
@@ -126,13 +142,23 @@ def run(args: argparse.Namespace) -> int:
     n_bad = sum(t.label == "unreliable" for g in labels for t in g.tokens)
     primary = next(p for p in labels.probes if p["role"] == "primary")
     print(f"{labels.n_tokens} tokens, {n_bad} unreliable (p_reliable < {labels.threshold:g}; primary probe "
-          f"{primary['name']} on {primary['hook']} @ {primary['position']})", file=sys.stderr)  # fmt: skip
+          f"{primary['name']} on {primary['hook']} @ {primary['position']})" + _explain_note(labels.params),
+          file=sys.stderr)  # fmt: skip
     title = f"knowlens labels: {args.model}"
     for path, write in ((args.out, labels.to_jsonl), (args.html, lambda p: labels.to_html(p, title=title))):
         if path is not None:
             write(path)
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _explain_note(params: dict[str, Any]) -> str:
+    ex = params.get("explain")
+    if ex is None:
+        return ""
+    per = ex["seconds_per_token"]
+    what = "positions and SAE latents" if ex["sae_hook"] else "positions"
+    return f"; {ex['tokens']} explained by {what}" + (f", {per:.3f} s per explained token" if per is not None else "")
 
 
 def render_tokens(tokens: Any, *, colour: bool) -> str:

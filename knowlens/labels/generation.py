@@ -33,13 +33,18 @@ probe's card threshold, else 0.5), else ``unreliable``.
 ``on_token(TokenLabel)`` is called for every row still generating, in row order, before the next step runs.
 Without it nothing leaves the device until a batch is done. Probes are checked against the model (weight
 fingerprint, hook) before any work; a failing run leaves no hook on the model.
+
+**Explanations** (``explain=True``): after each batch, every unreliable token gets the positions and SAE latents
+that most drive the primary probe's decision, by activation x gradient (`knowlens.labels.explain`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -50,6 +55,7 @@ from knowlens.capture.hooks import validate_hook_names
 from knowlens.capture.prompts import PromptsArg, tokenize_prompts
 from knowlens.errors import KnowlensError
 from knowlens.fingerprint import check_same_model, model_identity
+from knowlens.labels.explain import check_explain_hooks, explain_generation
 from knowlens.labels.tokens import GenerationLabels, TokenLabel, TokenLabels
 from knowlens.probes import LoadedProbe, load_probe
 from knowlens.probes.pseudo import POSITION_RULES
@@ -83,6 +89,9 @@ def label_generation(
     sae: Any = None,
     name_piece: Callable[[str], bool] = capitalised_piece,
     progress: bool = False,
+    explain: bool = False,
+    explain_top_k: int = 5,
+    explain_hook: str | None = None,
 ) -> TokenLabels:
     """Generate from ``prompts`` and label every generated token with ``probes`` (module docstring).
 
@@ -92,6 +101,10 @@ def label_generation(
         temperature, top_p, seed, stop_at_eos: as `knowlens.capture.generate` (greedy by default).
         batch_size: prompts per `generate` call.
         progress: a progress bar of generation steps (tqdm, on stderr).
+        explain: attach to every unreliable token the positions (and, with ``sae``, the SAE latents) that most
+            drive the primary probe's decision (`knowlens.labels.explain`), after each batch is generated;
+            ``explain_top_k`` entries per family, positions at ``explain_hook`` (default
+            ``blocks.0.hook_resid_pre``). ``params["explain"]`` gets the count and the seconds per explained token.
     """
     if combine not in COMBINE:
         raise KnowlensError(f"combine must be one of {', '.join(COMBINE)}, got {combine!r}")
@@ -104,6 +117,12 @@ def label_generation(
     primary = loaded[token_idx[0]]
     cut = float(threshold if threshold is not None else primary.threshold if primary.threshold is not None else 0.5)
     hooks = validate_hook_names(model, [p.hook for p in loaded])
+    explain_at = None
+    if explain:
+        if isinstance(explain_top_k, bool) or not isinstance(explain_top_k, int) or explain_top_k < 1:
+            raise KnowlensError(f"explain_top_k must be an integer >= 1, got {explain_top_k!r}")
+        explain_at = check_explain_hooks(model, primary, sae=sae, position_hook=explain_hook)
+    explained, explain_s = 0, 0.0
     rows = tokenize_prompts(model, prompts)
     originals = _originals(prompts, rows)
     text_of = _Texts(model)
@@ -121,7 +140,14 @@ def label_generation(
             with model.hooks(fwd_hooks=batch.prompt_hooks()):
                 rec = generate(model, batch.rows, hooks=hooks, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, seed=seed, stop_at_eos=stop_at_eos, on_step=batch.on_step)  # fmt: skip
-            generations += batch.finish(rec, originals[start : start + batch_size])
+            done = batch.finish(rec, originals[start : start + batch_size])
+            if explain_at is not None:
+                t0 = time.perf_counter()
+                done = [_explained(model, g, row, primary, sae, explain_at, explain_top_k, text_of)
+                        for g, row in zip(done, batch.rows)]  # fmt: skip
+                explain_s += time.perf_counter() - t0
+                explained += sum(t.explanation is not None for g in done for t in g.tokens)
+            generations += done
             if bar is not None:
                 bar.update(max_new_tokens - batch.n_steps)  # the steps every row's EOS made unneeded
     finally:
@@ -131,6 +157,10 @@ def label_generation(
     params = {"max_new_tokens": max_new_tokens, "temperature": float(temperature), "top_p": top_p, "seed": seed,
               "stop_at_eos": stop_at_eos, "batch_size": batch_size,
               "rule": _rule_text(combine, primary.name, cut)}  # fmt: skip
+    if explain_at is not None:
+        params["explain"] = {"tokens": explained, "seconds": round(explain_s, 6), "position_hook": explain_at,
+                             "sae_hook": None if sae is None else sae.cfg.metadata.hook_name, "top_k": explain_top_k,
+                             "seconds_per_token": round(explain_s / explained, 6) if explained else None}  # fmt: skip
     return TokenLabels(generations=tuple(generations), probes=tuple(info), threshold=cut, combine=combine,
                        model=model_identity(model), params=params)  # fmt: skip
 
@@ -323,6 +353,21 @@ class _Batch:
                 carried = float(score)
             was_piece = piece
         return carried, was_piece
+
+
+def _explained(model: Any, g: GenerationLabels, row: Tensor, probe: LoadedProbe, sae: Any, hook: str, top_k: int,
+               text_of: Callable[[int], str]) -> GenerationLabels:  # fmt: skip
+    """``g`` with an explanation on every unreliable token (one forward of the row, one backward per token)."""
+    bad = [t.index for t in g.tokens if t.label == "unreliable"]
+    if not bad:
+        return g
+    ids = row.tolist() + [t.token_id for t in g.tokens]
+    found = explain_generation(model, ids, len(row), bad, probe, sae=sae, position_hook=hook, top_k=top_k,
+                               text_of=text_of, checked=True)  # fmt: skip
+    tokens = list(g.tokens)
+    for i, ex in zip(bad, found):
+        tokens[i] = replace(tokens[i], explanation=ex)
+    return replace(g, tokens=tuple(tokens))
 
 
 def _originals(prompts: PromptsArg, rows: list[Tensor]) -> list[Any]:

@@ -2,7 +2,8 @@
 
 Conventions of `knowlens.analyses.report` (the demo's report): plotly.js inlined (nothing is fetched: no CDN,
 MathJax, fonts or map tiles), token texts HTML-escaped (plotly would read ``<eos>`` as a tag), one heatmap row
-per generation; hovering a token shows its label, ``p_reliable`` and every signal. With ground truth
+per generation; hovering a token shows its label, ``p_reliable`` and every signal, and for an explained (unreliable)
+token the top latents and positions driving the probe's decision (`knowlens.labels.explain`). With ground truth
 (`TokenLabels.with_classes`) a second grid shows the grader's class of each token. Written atomically.
 """
 
@@ -80,6 +81,10 @@ def write_html(labels: TokenLabels, path: str | os.PathLike[str], *, title: str 
 def _hover(t: Any) -> str:
     lines = [f"<b>{html.escape(t.text)}</b>: {t.label}", f"p_reliable: {_fmt(t.p_reliable)}"]
     lines += [f"{html.escape(k)}: {_fmt(v)}" for k, v in t.signals.items()]
+    ex = getattr(t, "explanation", None)
+    if ex is not None:
+        lines.append(f"<b>why</b> ({html.escape(ex.probe)} decision {_fmt(ex.decision)} at {html.escape(repr(ex.read_token))}):")
+        lines += [html.escape(line) for line in ex.summary()]
     return "<br>".join(lines)
 
 

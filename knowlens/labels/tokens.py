@@ -13,7 +13,11 @@ JSONL (``to_jsonl``): one JSON object per generation (prompt order)::
 probe's score carried from the last entity name's last token; null before any name, or with no entity probe),
 ``input_surprise`` (``-log p`` of the token under the model, nats), ``top1_prob`` and ``entropy`` (nats) of the
 distribution the token was chosen from. ``class`` (the grader's ground truth) appears only when known
-(`TokenLabels.with_classes`). Floats are rounded to 6 decimals; NaN is written as null.
+(`TokenLabels.with_classes`). ``explanation`` appears only on tokens labelled unreliable and only with
+``label_generation(..., explain=True)``: the primary probe, its hook, the read position and token, its decision,
+and the top entries by |attribution| at residual positions (``positions``) and, with an SAE, at SAE latents
+(``latents``; ``latent: "error"`` / ``"bias"`` for the SAE's error term / decoder bias), each ``{"position", "token", "value", "share", "sign"}``
+(`knowlens.labels.explain`). Floats are rounded to 6 decimals; NaN is written as null.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from knowlens.errors import KnowlensError
 from knowlens.outputs import atomic_write_text
+
+if TYPE_CHECKING:
+    from knowlens.labels.explain import Explanation
 
 LABELS = ("reliable", "unreliable")
 
@@ -44,10 +51,14 @@ class TokenLabel:
     p_reliable: float
     label: str
     signals: dict[str, float | None] = field(default_factory=dict)
+    explanation: Explanation | None = None  # with explain=True, on unreliable tokens (knowlens.labels.explain)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "id": self.token_id, "text": self.text, "p_reliable": _num(self.p_reliable),
-                "label": self.label, "signals": {k: _num(v) for k, v in self.signals.items()}}  # fmt: skip
+        out = {"index": self.index, "id": self.token_id, "text": self.text, "p_reliable": _num(self.p_reliable),
+               "label": self.label, "signals": {k: _num(v) for k, v in self.signals.items()}}  # fmt: skip
+        if self.explanation is not None:
+            out["explanation"] = self.explanation.to_dict()
+        return out
 
 
 @dataclass(frozen=True)

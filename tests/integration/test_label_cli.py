@@ -165,3 +165,44 @@ def test_bad_input_is_one_line(probe_file, loads, tmp_path, capsys, word_model):
         assert len(err.splitlines()) == 1 and err.startswith("knowlens label: error:") and match in err, (argv, err)
         assert bool(loads) == loaded, (argv, loads)  # checked before the model loads where it can be
     assert exists.read_text() == "x\n" and not (tmp_path / "l.json").exists()
+
+
+def test_explain_positions_only_or_with_sae_latents(probe_file, loads, tmp_path, capsys):
+    from tests.unit.test_saes_load import build_sae
+
+    base = ["label", "--model", "tiny", "--probe", str(probe_file), "--prompt", "w4 w5", "--explain", "--threshold",
+            "0.7", "--max-new-tokens", "5", "--no-progress"]  # fmt: skip
+    out = tmp_path / "l.jsonl"
+    assert main([*base, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    tokens = json.loads(out.read_text())["tokens"]
+    assert any(t["label"] == "unreliable" for t in tokens)
+    assert all(("explanation" in t) == (t["label"] == "unreliable") for t in tokens)
+    for t in tokens:
+        if "explanation" in t:
+            ex = t["explanation"]
+            assert "latents" not in ex and ex["positions"]["hook"] == "blocks.0.hook_resid_pre"
+            assert 1 <= len(ex["positions"]["top"]) <= 5 and ex["probe"] == "rel"
+    assert "explained by positions," in err and "s per explained token" in err
+    build_sae(hook="blocks.0.hook_resid_post").save_model(tmp_path / "sae")
+    out2 = tmp_path / "l2.jsonl"
+    assert main([*base, "--sae", str(tmp_path / "sae"), "--explain-top", "2", "--out", str(out2)]) == 0
+    assert "explained by positions and SAE latents" in capsys.readouterr().err
+    explained = [t["explanation"] for t in json.loads(out2.read_text())["tokens"] if "explanation" in t]
+    assert explained and all(len(ex["latents"]["top"]) == 2 and ex["latents"]["hook"] == "blocks.0.hook_resid_post"
+                             for ex in explained)  # fmt: skip
+
+
+def test_explain_bad_input_is_one_line(word_model, loads, tmp_path, capsys):
+    from tests.unit.test_saes_load import build_sae
+
+    early = make_probe(tmp_path / "early.safetensors", word_model, d=32, hook="blocks.0.hook_resid_post")
+    build_sae(hook=HOOK).save_model(tmp_path / "late")
+    p = ["--model", "tiny", "--probe", str(early), "--prompt", "w4", "--explain", "--no-progress"]
+    out = tmp_path / "l.jsonl"
+    for argv, match in (([*p, "--sae", str(tmp_path / "late"), "--out", str(out)], "runs after the probe's hook"),
+                        ([*p, "--explain-top", "0"], "--explain-top must be >= 1")):  # fmt: skip
+        code = main(["label", *argv])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and match in err, (argv, err)
+    assert not out.exists()
