@@ -1,0 +1,63 @@
+"""Where an organism's hallucinated answer-value tokens come from, and how well the signal-gate probe and top-1
+probability separate each source from the correct tokens.
+
+usage: python benchmarks/signal_breakdown.py ORGANISM_FOLDER   (about 3 minutes on one thread)
+
+Prints the hallucinated / correct value-token counts per entity split; the nested out-of-fold probe AUROC (the
+`token_hallucination` signal gate's probe: hook chosen inside each training fold, 5 folds grouped by entity)
+and top-1 AUROC, overall and per hook; per split, that split's hallucinated tokens against every correct token
+(the probe's out-of-fold scores and top-1); and the answer verdicts per split.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+
+
+def main(folder: str) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from knowlens.analyses.answers import answer_items
+    from knowlens.analyses.signals import _stack, signal_hooks
+    from knowlens.organism.corpus import every_phrasing
+    from knowlens.organism.store import load_organism
+    from knowlens.probes import L2_GRID, auroc, cross_validate_select
+
+    org = load_organism(folder)
+    hooks = signal_hooks(org.model.cfg.n_layers)
+    answers = answer_items(org.model, org.world, every_phrasing(org.world, org.corpus.held_out), hooks=hooks)
+    rows = [(a, j) for a in answers for c in a.grade.claims for j in range(*c.value_tokens)
+            if a.grade.classes[j] in ("correct", "hallucinated")]  # fmt: skip
+    halluc = torch.tensor([a.grade.classes[j] == "hallucinated" for a, j in rows])
+    split = [a.item.split for a, _ in rows]
+    counts = {s: (sum(1 for r, h in zip(split, halluc) if r == s and h), sum(1 for r, h in zip(split, halluc)
+              if r == s and not h)) for s in sorted(set(split))}  # fmt: skip
+    print("value tokens by split (hallucinated, correct):", counts)
+    groups = [a.item.entity for a, _ in rows]
+    at = [len(a.prompt_tokens) + j - 1 for a, j in rows]  # the position that predicted the token
+    feats = {f"{h}@before_token": _stack([a for a, _ in rows], h, at) for h in hooks}
+    sel = cross_validate_select(feats, halluc, groups, l2_grid=L2_GRID, k=5, inner_k=3, seed=0)
+    scores = sel.nested.scores
+    top1 = -torch.tensor([a.top1[j] for a, j in rows], dtype=torch.float64)  # low top-1: "hallucinated"
+    print(f"probe {sel.nested.auroc:.3f}, top-1 {auroc(top1, halluc):.3f}; per hook:",
+          {c: round(r.auroc, 3) for c, r in sel.candidates.items()})  # fmt: skip
+    correct = [i for i, h in enumerate(halluc) if not h]
+    for s in sorted(set(split)):
+        mine = [i for i, (r, h) in enumerate(zip(split, halluc)) if r == s and h]
+        if not mine:
+            continue
+        idx = torch.tensor(mine + correct)
+        print(f"  hallucinated[{s}] (n={len(mine)}) vs all correct: probe {auroc(scores[idx], halluc[idx]):.3f}, "
+              f"top-1 {auroc(top1[idx], halluc[idx]):.3f}")  # fmt: skip
+    verdicts = collections.Counter((a.item.split, a.grade.verdict) for a in answers if a.item.kind == "question")
+    print("question verdicts:", dict(sorted(verdicts.items())))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])
