@@ -106,23 +106,10 @@ def _check_common(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, organism or None, SAE) with the SAE checked against the model."""
-    import torch
+    from knowlens.cli._patching_common import load
 
-    from knowlens.saes import load_sae
-
-    torch.set_num_threads(args.threads)
-    org = None
-    if args.model == "organism" or Path(args.model).is_dir():
-        from knowlens.organism.store import load_organism, organism_path
-
-        org = load_organism(organism_path(args.model), device=args.device)
-        org.model.cfg.model_name = args.model
-        model = org.model
-    else:
-        import knowlens
-
-        model, _card = knowlens.load_model(args.model, device=args.device)
-    return model, org, load_sae(args.sae, model)
+    loaded = load(args, sae=args.sae)
+    return loaded.model, loaded.org, loaded.sae
 
 
 # ------------------------------------------------------------------------------------------- entity-known
