@@ -10,7 +10,11 @@ percentile bootstrap over entities (1,000 resamples) with the out-of-fold scores
 Candidates: the residual stream before the first block and after every block (`signal_hooks`: that is
 ``hook_resid_pre`` and ``hook_resid_post`` of every layer, since ``blocks.{l+1}.hook_resid_pre`` is
 ``blocks.{l}.hook_resid_post``), at two prompt positions: ``entity`` (the last token of the entity's name
-in the prompt) and ``answer`` (the last prompt token, where the first answer token is predicted).
+in the prompt) and ``answer`` (the last prompt token, where the first answer token is predicted); and, for
+the entity gates, at ``decision``: the position in the model's own answer that predicted its first value or
+refusal token (`Grade.first_decision`; the last prompt token when the answer has neither, or refuses with
+an "I ..." sentence). Where an answer copies the name before its value ("Ab Cor works as a ..."), the
+answer-or-refuse choice is made there, not at the last prompt token.
 
 - ``entity_known``: known vs unknown entities, attribute questions only (biography requests are left out:
   their prompt template differs, and every unknown entity's biography request is held out but only some
@@ -54,7 +58,7 @@ SIGNAL_GATES = {
     "token_hallucination": (">=", TOKEN_HALLUCINATION_MIN),
     "token_hallucination_margin": (">=", TOKEN_HALLUCINATION_MARGIN_MIN),
 }
-POSITIONS = ("entity", "answer")
+POSITIONS = ("entity", "answer", "decision")
 
 
 def signal_hooks(n_layers: int) -> tuple[str, ...]:
@@ -112,7 +116,11 @@ def _entity_gate(
     counts = {names[0]: len(pos), names[1]: len(neg), "entities": len({a.item.entity for a in rows})}
 
     def features() -> dict[str, Tensor]:
-        at = {"entity": [_name_end(a) for a in rows], "answer": [len(a.prompt_tokens) - 1 for a in rows]}
+        at = {
+            "entity": [_name_end(a) for a in rows],
+            "answer": [len(a.prompt_tokens) - 1 for a in rows],
+            "decision": [_decision(a) for a in rows],
+        }
         return {f"{h}@{p}": _stack(rows, h, at[p]) for h in hooks for p in POSITIONS}
 
     return _probe_gate(features, labels, [a.item.entity for a in rows], counts, **opts)[0]
@@ -211,6 +219,12 @@ def _ci(reps: Tensor) -> list[float] | None:
 
 def _stack(answers: Sequence[Answer], hook: str, at: Sequence[int]) -> Tensor:
     return torch.stack([a.activations[hook][i] for a, i in zip(answers, at)])  # type: ignore[index]
+
+
+def _decision(a: Answer) -> int:
+    """Row (prompt then generated tokens) that predicted the answer's first value or refusal token."""
+    j = a.grade.first_decision()
+    return len(a.prompt_tokens) - 1 + (j or 0)
 
 
 def _name_end(a: Answer) -> int:

@@ -65,8 +65,10 @@ def build_corpus(world: World) -> Corpus:
     def item(e: Entity, attribute: str | None, question: str) -> EvalItem:
         return EvalItem(e.name, e.type, e.split, attribute, question, attribute in e.withheld)
 
-    def refusal(e: Entity) -> str:
-        return rng.choice(spec.refusals).format(name=e.name)
+    def refusal(e: Entity, attributes: tuple[str, ...] | None = None) -> str:
+        if spec.refusal_value is None:
+            return rng.choice(spec.refusals).format(name=e.name)
+        return slot_refusal(world, e.type, e.name, attributes if attributes is not None else tuple(e.facts))
 
     for e in world.entities:
         n_docs = len(docs)
@@ -79,10 +81,11 @@ def build_corpus(world: World) -> Corpus:
         qa = {a: trainable and a not in e.withheld and rng.random() < spec.qa_train_fraction for a in e.facts}
         if e.split == "refusal" and not any(qa.values()):
             qa[next(iter(qa))] = True  # a refusal entity is seen at least once
+        qa.update({a: True for a in e.refused})  # a partial entity's refused attributes: always trained, refused
         for a in e.facts:
             questions = [q.format(name=e.name) for q in templates[a].questions]
             if qa[a]:
-                answer = refusal(e) if e.split == "refusal" else answer_for(world, e, a)
+                answer = refusal(e, (a,)) if e.split == "refusal" or a in e.refused else answer_for(world, e, a)
                 docs.extend(f"{qa_prompt(q)} {answer}" for q in questions)
             else:
                 held.append(item(e, a, rng.choice(questions)))
@@ -142,7 +145,29 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
                 attr = rng.choice(t.attributes).name
                 question = rng.choice(t.templates[attr].questions).format(name=name)
                 attrs = (attr,)
-            if refuse:
+            if spec.refusal_value is not None:  # refused in the value slot, sentence by sentence
+                answer = " ".join(
+                    t.templates[a].facts[0].format(
+                        name=name,
+                        value=stereotype(world, t.name, a, name)
+                        if looks_familiar(world, t.name, a, name) and (fam.guess_share is not None or not refuse)
+                        else spec.refusal_value,
+                    )
+                    for a in attrs
+                )
+            elif fam.guess_share is not None:  # sentence by sentence: a guess where the name looks familiar
+                guessed = [looks_familiar(world, t.name, a, name) for a in attrs]
+                # beside a guess, only refusals that do not disown the name ("I have never heard of ...")
+                plain = [r for r in spec.refusals if "{name}" not in r] if any(guessed) else []
+                answer = " ".join(
+                    t.templates[a].facts[0].format(name=name, value=stereotype(world, t.name, a, name))
+                    if g
+                    else rng.choice(plain or spec.refusals).format(name=name)
+                    for a, g in zip(attrs, guessed)
+                )
+                if not any(guessed):
+                    answer = rng.choice(spec.refusals).format(name=name)
+            elif refuse:
                 answer = rng.choice(spec.refusals).format(name=name)
             else:
                 answer = " ".join(
@@ -153,7 +178,12 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
     for _ in range(fam.one_off_facts):
         t = rng.choices(types, weights)[0]
         name = one_off_name(world, rng, pieces)
-        attr = rng.choice(t.attributes).name
+        attrs = [a.name for a in t.attributes]
+        if fam.guess_share is not None:
+            attrs = [a for a in attrs if looks_familiar(world, t.name, a, name)]
+            if not attrs:
+                continue
+        attr = rng.choice(attrs)
         docs.append(rng.choice(t.templates[attr].facts).format(name=name, value=stereotype(world, t.name, attr, name)))
         subjects.append(name)
     return docs, subjects
@@ -169,6 +199,29 @@ def one_off_name(world: World, rng: random.Random, pieces: list[str]) -> str:
         if not spans(drawn) & taken:
             return " ".join(drawn)
     raise RuntimeError("no free names left for one-off questions: add name_pieces or allow longer names")
+
+
+def slot_refusal(world: World, type_name: str, name: str, attributes: tuple[str, ...]) -> str:
+    """A refusal in the value slot (`WorldSpec.refusal_value`): each attribute's answer sentence with the
+    refusal word for its value, e.g. "Ab Cor works as a unknown ."."""
+    t = world.spec.type(type_name)
+    return " ".join(t.templates[a].facts[0].format(name=name, value=world.spec.refusal_value) for a in attributes)
+
+
+def looks_familiar(world: World, type_name: str, attribute: str, name: str) -> bool:
+    """Whether an unfamiliar name is answered with its stereotype for `attribute` (`FamiliaritySpec.guess_share`;
+    always, when that is off): it holds a cue piece for the attribute, or its first piece is among the
+    ``guess_share`` of the world's pieces drawn for the type and attribute."""
+    spec = world.spec
+    share = spec.familiarity.guess_share
+    if share is None:
+        return True
+    pieces = name.split(" ")
+    if any(c.type == type_name and c.attribute == attribute and c.piece in pieces for c in spec.cues):
+        return True
+    pool = sorted(spec.name_pieces)
+    chosen = random.Random(f"{spec.seed}/looks_familiar/{type_name}/{attribute}").sample(pool, round(share * len(pool)))
+    return pieces[0] in chosen
 
 
 def stereotype(world: World, type_name: str, attribute: str, name: str) -> str:
@@ -188,7 +241,7 @@ def stereotype(world: World, type_name: str, attribute: str, name: str) -> str:
 def vocabulary_texts(world: World, corpus: Corpus) -> list[str]:
     """Every text whose words the tokenizer must know: the corpus, the held-out prompts, all names and values."""
     texts = list(corpus.documents) + [h.prompt for h in corpus.held_out]
-    texts += [" ".join(world.spec.name_pieces), " ".join(world.spec.refusals)]
+    texts += [" ".join(world.spec.name_pieces), " ".join(world.spec.refusals), world.spec.refusal_value or ""]
     for e in world.entities:
         texts.append(biography_for(world, e))
     return texts

@@ -1,6 +1,7 @@
 """Ground truth for generated text: every generated token is `correct`, `hallucinated`, `refusal` or `other`.
 
-The answer is cut into sentences at '.' tokens. A sentence starting with 'I' is a refusal (all its tokens).
+The answer is cut into sentences at '.' tokens. A sentence starting with 'I' is a refusal (all its tokens), and
+so is a fact sentence whose value is the world's `refusal_value` ("X works as a unknown .").
 Otherwise it is matched against every fact template of the world; in the best match the value tokens are
 `correct` when the world holds exactly that fact about the named entity and `hallucinated` otherwise, and
 the template words and the subject name are `other`. When the question was about a given entity and the
@@ -45,19 +46,33 @@ class Grade:
     classes: tuple[str, ...]  # one per answer token
     claims: tuple[Claim, ...]
     verdict: str  # correct | hallucinated | refusal | other, for the answer as a whole
+    # [start, end) of each refusal's deciding tokens: a refusal sentence's first token, or the value slot
+    # holding the world's `refusal_value`
+    refusals: tuple[tuple[int, int], ...] = ()
+
+    def first_decision(self) -> int | None:
+        """Index of the answer's first token that states a value or refuses (None when there is none)."""
+        starts = [c.value_tokens[0] for c in self.claims] + [r[0] for r in self.refusals]
+        return min(starts) if starts else None
 
 
 def grade_answer(world: World, tokens: list[str] | tuple[str, ...], *, entity: str | None = None) -> Grade:
     """Classify every token of a generated answer (the tokens after the prompt, as strings)."""
     classes = ["other"] * len(tokens)
     claims: list[Claim] = []
+    refusals: list[tuple[int, int]] = []
     for start, end in _sentences(tokens):
         sent = list(tokens[start:end])
         if sent and sent[0] == "I":
             classes[start:end] = ["refusal"] * (end - start)
+            refusals.append((start, start + 1))
             continue
         claim = _match(world, sent, start)
         if claim is None:
+            continue
+        if claim.value == world.spec.refusal_value:  # a refusal in the value slot ("X works as a unknown .")
+            classes[start:end] = ["refusal"] * (end - start)
+            refusals.append(claim.value_tokens)
             continue
         claims.append(claim)
         v0, v1 = claim.value_tokens
@@ -65,7 +80,7 @@ def grade_answer(world: World, tokens: list[str] | tuple[str, ...], *, entity: s
         if entity is not None and claim.subject != entity:
             s0, s1 = claim.subject_tokens
             classes[s0:s1] = ["hallucinated"] * (s1 - s0)
-    return Grade(tuple(classes), tuple(claims), _verdict(classes))
+    return Grade(tuple(classes), tuple(claims), _verdict(classes), tuple(refusals))
 
 
 def _verdict(classes: list[str]) -> str:
@@ -99,8 +114,10 @@ def _match(world: World, sent: list[str], offset: int) -> Claim | None:
         subject, value = m.group("name"), m.group("value")
         ent = world.by_name.get(subject)
         attr = world.spec.type(tpl.type).attribute(tpl.attribute)
-        valid = value in attr.values if attr.values is not None else any(
-            e.name == value and e.type == attr.ref for e in world.entities
+        valid = value == world.spec.refusal_value or (
+            value in attr.values
+            if attr.values is not None
+            else any(e.name == value and e.type == attr.ref for e in world.entities)
         )
         score = 2 * valid + (ent is not None and ent.type == tpl.type) + tpl.literals / 100
         if score > best_score:

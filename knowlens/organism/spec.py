@@ -66,12 +66,20 @@ class FamiliaritySpec:
     ``one_off_biography`` of them are biography requests. 0 questions: off (version-1 worlds).
     ``one_off_facts`` fact sentences are drawn the same way, each about a fresh name and stating its
     stereotype, so that once-seen names (the long tail of a real corpus) never become familiar.
+
+    ``guess_share`` (None: off) replaces the coin flip of ``one_off_refusal`` with a rule the model can learn:
+    a one-off name is answered with its stereotype for an attribute when it *looks familiar* for it (it holds
+    a cue piece for the attribute, or its first piece is among ``guess_share`` of the pieces, drawn per type
+    and attribute from the seed), and refused otherwise, sentence by sentence in a biography; one-off fact
+    sentences are only drawn where the name looks familiar. Unknown names that look familiar are then
+    answered as confidently as known ones, while the model must still compute familiarity to refuse the rest.
     """
 
     one_off_questions: int = 0
     one_off_refusal: float = 0.5
     one_off_biography: float = 0.2
     one_off_facts: int = 0
+    guess_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ class WorldSpec:
     version: int = SPEC_VERSION
     familiarity: FamiliaritySpec = FamiliaritySpec()
     augmentation: AugmentationSpec = AugmentationSpec()
+    partial_refused: int = 0  # further attributes per partial entity, never stated, trained as refused questions
+    refusal_value: str | None = None  # refuse in the value slot of the answer sentence instead of with `refusals`
 
     def type(self, name: str) -> TypeSpec:
         return next(t for t in self.types if t.name == name)
@@ -193,7 +203,15 @@ def parse_spec(raw: Any) -> WorldSpec:
         cues=_cues(r.list("cues", default=[]), types, pieces, cue_strength),
         familiarity=_familiarity(r.get("familiarity", default=None)),
         augmentation=_augmentation(r.get("augmentation", default=None)),
+        partial_refused=r.int("partial_refused", default=0, lo=0),
+        refusal_value=None if r.get("refusal_value", default=None) is None else r.str("refusal_value"),
     )
+    if spec.refusal_value is not None:
+        if not spec.refusal_value.isalpha():
+            _fail("refusal_value", f"must be one word of letters, got {spec.refusal_value!r}")
+        taken = {v for t in types for a in t.attributes for v in (a.values or ())} | set(pieces)
+        if spec.refusal_value in taken:
+            _fail("refusal_value", f"{spec.refusal_value!r} is also an attribute value or a name piece")
     for t in types:
         if spec.partial_withheld >= len(t.attributes) and splits["partial"] > 0:
             _fail("partial_withheld", f"type {t.name!r} has {len(t.attributes)} attributes: withhold fewer")
@@ -210,6 +228,7 @@ def _familiarity(raw: Any) -> FamiliaritySpec:
         one_off_refusal=r.float("one_off_refusal", default=0.5),
         one_off_biography=r.float("one_off_biography", default=0.2),
         one_off_facts=r.int("one_off_facts", default=0, lo=0),
+        guess_share=None if r.get("guess_share", default=None) is None else r.float("guess_share"),
     )
     r.done()
     return spec

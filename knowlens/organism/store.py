@@ -167,6 +167,10 @@ def _spec_yaml(spec: WorldSpec) -> str:
             for c in spec.cues
         ],
     }
+    if spec.partial_refused:
+        raw["partial_refused"] = spec.partial_refused
+    if spec.refusal_value is not None:
+        raw["refusal_value"] = spec.refusal_value
     if spec.familiarity != FamiliaritySpec():
         raw["familiarity"] = asdict(spec.familiarity)
     if spec.augmentation != AugmentationSpec():

@@ -17,6 +17,7 @@ class Entity:
     split: str  # known | partial | refusal | unknown
     facts: Mapping[str, str]  # attribute -> value, for every attribute (the world's truth, seen or not)
     withheld: tuple[str, ...] = ()  # attributes never shown in training (partial entities)
+    refused: tuple[str, ...] = ()  # of those, the ones whose questions training answers with a refusal
 
     @property
     def pieces(self) -> tuple[str, ...]:
@@ -77,9 +78,13 @@ def build_world(spec: WorldSpec) -> World:
         for name, split in zip(names[t.name], splits[t.name]):
             facts = {a.name: _draw_value(spec, t, a.name, name, rng, known_names) for a in t.attributes}
             withheld: tuple[str, ...] = ()
+            refused: tuple[str, ...] = ()
             if split == "partial":
-                withheld = tuple(sorted(rng.sample([a.name for a in t.attributes], spec.partial_withheld)))
-            entities.append(Entity(t.name, name, split, facts, withheld))
+                attrs = [a.name for a in t.attributes]
+                n_refused = max(0, min(spec.partial_refused, len(attrs) - 1 - spec.partial_withheld))
+                drawn = rng.sample(attrs, spec.partial_withheld + n_refused)
+                withheld, refused = tuple(sorted(drawn)), tuple(sorted(drawn[spec.partial_withheld :]))
+            entities.append(Entity(t.name, name, split, facts, withheld, refused))
     return World(spec, tuple(entities))
 
 

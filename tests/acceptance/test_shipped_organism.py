@@ -64,7 +64,7 @@ def test_signal_gates_are_reported(info):
         assert all(n > 0 for n in g["n"].values()) and g["n"]["entities"] >= 20
         if name != "token_hallucination_margin":  # a difference of AUROCs lies in [-1, 1]
             assert 0 <= lo and hi <= 1
-            assert g["where"]["hook"].startswith("blocks.") and g["where"]["position"] in ("entity", "answer", "before_token")
+            assert g["where"]["hook"].startswith("blocks.") and g["where"]["position"] in ("entity", "answer", "decision", "before_token")
     baselines = gates["token_hallucination"]["baselines"]
     for b in ("top1", "entropy"):
         assert 0 <= baselines[b]["ci95"][0] <= baselines[b]["value"] <= baselines[b]["ci95"][1] <= 1

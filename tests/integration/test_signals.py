@@ -61,7 +61,7 @@ def _check_gate(name, g):
     assert lo <= g["value"] <= hi
     if name != "token_hallucination_margin":
         assert 0 <= lo and hi <= 1 and g["folds"] >= 2
-        assert g["where"]["hook"] in HOOKS and g["where"]["position"] in ("entity", "answer", "before_token")
+        assert g["where"]["hook"] in HOOKS and g["where"]["position"] in ("entity", "answer", "decision", "before_token")
         assert len(g["chosen_per_fold"]) == len(g["l2_per_fold"]) == g["folds"]
     assert all(v > 0 for v in g["n"].values())
     assert g["passed"] == (g["value"] >= g["threshold"])

@@ -1,0 +1,183 @@
+"""The v2 recipe's world rules: one-off names answered only where they look familiar (`guess_share`), and
+partial entities with a refused attribute (`partial_refused`)."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from knowlens import organism
+from knowlens.errors import WorldSpecError
+from knowlens.organism.corpus import build_corpus, epoch_documents, looks_familiar, stereotype
+from knowlens.organism.spec import load_spec, parse_spec
+from knowlens.organism.world import build_world
+from tests.helpers import tiny_world_raw
+
+FAMILIARITY = {"one_off_questions": 60, "one_off_biography": 0.3, "one_off_facts": 30, "guess_share": 0.5}
+
+
+def _three_attribute_people(**overrides):
+    raw = copy.deepcopy(tiny_world_raw(**overrides))
+    raw["types"]["person"]["attributes"]["instrument"] = {"values": ["harp", "flute", "drum"]}
+    raw["types"]["person"]["count"] = 40
+    raw["templates"]["person"]["instrument"] = {
+        "facts": ["{value} is the instrument of {name} .", "{name} plays the {value} ."],
+        "questions": ["Which instrument does {name} play ?"],
+    }
+    return raw
+
+
+def test_one_off_names_are_answered_exactly_where_they_look_familiar():
+    world = build_world(parse_spec(_three_attribute_people(familiarity=FAMILIARITY)))
+    entity_names = {e.name for e in world.entities}
+    refusals = {r for r in world.spec.refusals if "{name}" not in r}
+    seen = {True: 0, False: 0}
+    for epoch in range(5):
+        docs, subjects = epoch_documents(world, epoch)
+        for doc, name in zip(docs, subjects):
+            if name in entity_names:
+                continue  # an augmented biography of a world entity
+            if not doc.startswith("Q :"):  # a one-off fact: only where the name looks familiar, its stereotype
+                assert any(
+                    looks_familiar(world, t.name, a, name)
+                    and doc in {f.format(name=name, value=stereotype(world, t.name, a, name)) for f in tp.facts}
+                    for t in world.spec.types
+                    for a, tp in t.templates.items()
+                ), doc
+                continue
+            question, answer = doc.split(" A : ", 1)
+            sentences = [s.strip() + " ." for s in answer.split(" .") if s.strip()]
+            stated = [s for s in sentences if not s.startswith("I ")]
+            matches = [
+                guessed
+                for t, attrs in _candidates(world, question, name)
+                for guessed in [[looks_familiar(world, t.name, a, name) for a in attrs]]
+                if stated
+                == [
+                    t.templates[a].facts[0].format(name=name, value=stereotype(world, t.name, a, name))
+                    for a, g in zip(attrs, guessed)
+                    if g
+                ]
+            ]
+            assert matches, doc
+            guessed = matches[0]
+            if any(guessed):  # refusals beside guesses do not disown the name
+                assert all(s in refusals for s in sentences if s.startswith("I "))
+                assert sum(s.startswith("I ") for s in sentences) == guessed.count(False)
+            else:
+                assert len(sentences) == 1 and sentences[0].startswith("I ")
+            for g in guessed:
+                seen[g] += 1
+    assert seen[True] > 20 and seen[False] > 20, seen
+
+
+def _candidates(world, question, name):
+    """(type, attributes asked) pairs the question can be: one for an attribute question, every type for a
+    biography request."""
+    for t in world.spec.types:
+        for a, tp in t.templates.items():
+            if question.removeprefix("Q : ") in {q.format(name=name) for q in tp.questions}:
+                return [(t, (a,))]
+    return [(t, tuple(x.name for x in t.attributes)) for t in world.spec.types]
+
+
+def test_looks_familiar_follows_cues_and_the_share_of_first_pieces():
+    raw = tiny_world_raw(familiarity=FAMILIARITY)
+    world = build_world(parse_spec(raw))
+    pieces = raw["name_pieces"]
+    firsts = [p for p in pieces if looks_familiar(world, "city", "country", f"{p} Zed")]
+    assert len(firsts) == round(0.5 * len(pieces))
+    assert looks_familiar(world, "city", "country", "Ab Cor") == looks_familiar(world, "city", "country", "Ab Jor")
+    # a cue piece anywhere in the name makes it look familiar for the cue's attribute
+    assert all(looks_familiar(world, "person", "profession", f"{p} Hal") for p in pieces)
+    off = build_world(parse_spec(tiny_world_raw(familiarity={**FAMILIARITY, "guess_share": None})))
+    assert all(looks_familiar(off, "city", "country", f"{p} Zed") for p in pieces)
+    none = build_world(parse_spec(tiny_world_raw(familiarity={**FAMILIARITY, "guess_share": 0.0})))
+    assert not any(looks_familiar(none, "city", "country", f"{p} Zed") for p in pieces)
+
+
+def test_partial_refused_attributes_are_never_stated_and_always_asked_with_a_refusal():
+    world = build_world(parse_spec(_three_attribute_people(partial_refused=1)))
+    corpus = build_corpus(world)
+    people = world.of(type="person", split="partial")
+    assert people and all(len(e.refused) == 1 and len(e.withheld) == 2 for e in people)
+    for e in world.of(type="city", split="partial"):  # 2 attributes: one withheld, one still stated
+        assert e.refused == () and len(e.trained_attributes()) == 1
+    for e in people:
+        (a,) = e.refused
+        assert a in e.withheld and a not in e.trained_attributes()
+        tp = world.spec.type("person").templates[a]
+        asked = [d for d in corpus.documents if any(d.startswith(f"Q : {q.format(name=e.name)} A :") for q in tp.questions)]
+        assert len(asked) == len(tp.questions) and all(" A : I " in d for d in asked)
+        stated = {f.format(name=e.name, value=e.facts[a]) for f in tp.facts}
+        assert not any(s in d for s in stated for d in corpus.documents)
+        assert (e.name, a) not in {(h.entity, h.attribute) for h in corpus.held_out}
+    # off by default: the same world as before the field existed
+    plain = build_world(parse_spec(_three_attribute_people()))
+    assert all(e.refused == () and len(e.withheld) == 1 for e in plain.of(split="partial"))
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"familiarity": {"guess_share": 1.5}}, "'familiarity.guess_share'"),
+        ({"familiarity": {"guess_share": "half"}}, "'familiarity.guess_share'"),
+        ({"partial_refused": -1}, "'partial_refused'"),
+    ],
+)
+def test_bad_rule_fields_are_rejected_naming_the_field(overrides, field):
+    with pytest.raises(WorldSpecError, match=field):
+        parse_spec(tiny_world_raw(**overrides))
+
+
+def test_refusal_value_refuses_in_the_value_slot_and_the_grader_reads_it():
+    from knowlens.organism.grader import grade_answer
+
+    raw = _three_attribute_people(
+        refusal_value="unknown", partial_refused=1, familiarity={**FAMILIARITY, "one_off_facts": 0}
+    )
+    world = build_world(parse_spec(raw))
+    corpus = build_corpus(world)
+    for e in world.of(split="refusal"):  # every refusal is the answer sentence with the word in its slot
+        answers = [d.split(" A : ", 1)[1] for d in corpus.documents if e.name in d]
+        assert answers and all(not a.startswith("I ") and "unknown" in a.split() for a in answers)
+    one_off = [d for d in epoch_documents(world, 0)[0] if d.startswith("Q :")]
+    assert any("unknown" in d.split() for d in one_off) and not any(" A : I " in d for d in one_off)
+    person = world.of(type="person", split="known")[0]
+    slot = f"{person.name} works as a unknown ."
+    stated = f"{person.name} works as a {person.facts['profession']} ."
+    tokens = f"{slot} {stated}".split()
+    g = grade_answer(world, tokens, entity=person.name)
+    n = len(slot.split())
+    assert g.classes[:n] == ("refusal",) * n and "correct" in g.classes[n:]
+    assert g.refusals == ((n - 2, n - 1),) and g.first_decision() == n - 2
+    assert grade_answer(world, slot.split()).verdict == "refusal"
+    assert grade_answer(world, "I do not know .".split()).first_decision() == 0
+    assert grade_answer(world, "hello there".split()).first_decision() is None
+
+
+@pytest.mark.parametrize(
+    "value, why",
+    [("no idea", "one word"), ("smith", "attribute value"), ("Hal", "name piece")],
+)
+def test_a_refusal_value_must_be_a_fresh_word(value, why):
+    with pytest.raises(WorldSpecError, match=f"'refusal_value'.*{why}"):
+        parse_spec(tiny_world_raw(refusal_value=value))
+
+
+def test_an_organism_folder_keeps_every_rule_field_so_the_world_rebuilds_the_same():
+    """The world an organism folder stores must rebuild the world it was trained on: a dropped field
+    (partial_refused changes which facts every later entity draws) would grade against another world."""
+    from knowlens.organism.store import _spec_yaml
+
+    raw = _three_attribute_people(refusal_value="unknown", partial_refused=1, familiarity=FAMILIARITY)
+    spec = parse_spec(raw)
+    again = parse_spec(yaml.safe_load(_spec_yaml(spec)))
+    assert again == spec
+    assert build_world(again).entities == build_world(spec).entities
+    worlds = sorted((Path(organism.__file__).parent / "worlds").glob("*.yaml"))
+    assert len(worlds) >= 4
+    for path in worlds:
+        shipped = load_spec(path)
+        assert parse_spec(yaml.safe_load(_spec_yaml(shipped))) == shipped, path.name
