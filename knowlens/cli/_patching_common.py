@@ -123,8 +123,25 @@ def refusal_templates(args: argparse.Namespace, loaded: Loaded) -> tuple[str, ..
     if args.refusal:
         return tuple(args.refusal)
     if loaded.org is not None:
+        warn_slot_refusals(loaded.org.spec)
         return tuple(loaded.org.spec.refusals)
     return GENERIC_REFUSALS
+
+
+def warn_slot_refusals(spec: Any) -> None:
+    """The refusal metrics read refusal sentences at the answer start; a world that refuses in the value slot
+    (`refusal_value`) answers "X works as a unknown .", which they do not see."""
+    import warnings
+
+    from knowlens.errors import KnowlensWarning
+
+    if getattr(spec, "refusal_value", None) is not None:
+        warnings.warn(
+            f"this organism refuses in the value slot ({spec.refusal_value!r} for the value); the refusal rate and "
+            "probability here count only refusal sentences at the answer start, so they miss those refusals",
+            KnowlensWarning,
+            stacklevel=2,
+        )
 
 
 def check_prompts_fit(model: Any, prompts: list[str], max_new_tokens: int) -> None:

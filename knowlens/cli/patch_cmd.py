@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from knowlens.capture.prompts import tokenize_prompts
-    from knowlens.cli._patching_common import GENERIC_REFUSALS, load, table
+    from knowlens.cli._patching_common import GENERIC_REFUSALS, load, table, warn_slot_refusals
     from knowlens.patching import activation_patch_sweep
     from knowlens.patching.attribution import attribution_patch_sweep, pearson, spearman
 
@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise KnowlensError(f"--clean has {clean_row.numel()} tokens and --corrupt {corrupt_row.numel()}; patching "
                             "needs the same number (positions correspond one to one)")  # fmt: skip
     clean_t, corrupt_t = clean_row[None], corrupt_row[None]
+    if loaded.org is not None and not args.refusal:
+        warn_slot_refusals(loaded.org.spec)
     templates = tuple(args.refusal or (loaded.org.spec.refusals if loaded.org is not None else GENERIC_REFUSALS))
     metric = _metric(model, kind, tokens, templates, args.clean)
     progress = sys.stderr.isatty()

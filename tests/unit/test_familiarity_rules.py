@@ -181,3 +181,16 @@ def test_an_organism_folder_keeps_every_rule_field_so_the_world_rebuilds_the_sam
     for path in worlds:
         shipped = load_spec(path)
         assert parse_spec(yaml.safe_load(_spec_yaml(shipped))) == shipped, path.name
+
+
+def test_the_refusal_metrics_warn_on_a_world_that_refuses_in_the_value_slot():
+    from knowlens.cli._patching_common import warn_slot_refusals
+    from knowlens.errors import KnowlensWarning
+
+    with pytest.warns(KnowlensWarning, match="value slot"):
+        warn_slot_refusals(parse_spec(tiny_world_raw(refusal_value="unknown")))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_slot_refusals(parse_spec(tiny_world_raw()))
