@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from knowlens.organism.spec import TypeSpec
 from knowlens.organism.world import Entity, World, spans
 
 
@@ -147,12 +148,9 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
                 attrs = (attr,)
             if spec.refusal_value is not None:  # refused in the value slot, sentence by sentence
                 answer = " ".join(
-                    t.templates[a].facts[0].format(
-                        name=name,
-                        value=stereotype(world, t.name, a, name)
-                        if looks_familiar(world, t.name, a, name) and (fam.guess_share is not None or not refuse)
-                        else spec.refusal_value,
-                    )
+                    guess_sentence(world, t, a, name)
+                    if looks_familiar(world, t.name, a, name) and (fam.guess_share is not None or not refuse)
+                    else slot_refusal(world, t.name, name, (a,))
                     for a in attrs
                 )
             elif fam.guess_share is not None:  # sentence by sentence: a guess where the name looks familiar
@@ -160,9 +158,7 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
                 # beside a guess, only refusals that do not disown the name ("I have never heard of ...")
                 plain = [r for r in spec.refusals if "{name}" not in r] if any(guessed) else []
                 answer = " ".join(
-                    t.templates[a].facts[0].format(name=name, value=stereotype(world, t.name, a, name))
-                    if g
-                    else rng.choice(plain or spec.refusals).format(name=name)
+                    guess_sentence(world, t, a, name) if g else rng.choice(plain or spec.refusals).format(name=name)
                     for a, g in zip(attrs, guessed)
                 )
                 if not any(guessed):
@@ -170,9 +166,7 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
             elif refuse:
                 answer = rng.choice(spec.refusals).format(name=name)
             else:
-                answer = " ".join(
-                    t.templates[a].facts[0].format(name=name, value=stereotype(world, t.name, a, name)) for a in attrs
-                )
+                answer = " ".join(guess_sentence(world, t, a, name) for a in attrs)
             docs.append(f"{qa_prompt(question)} {answer}")
             subjects.append(name)
     for _ in range(fam.one_off_facts):
@@ -199,6 +193,11 @@ def one_off_name(world: World, rng: random.Random, pieces: list[str]) -> str:
         if not spans(drawn) & taken:
             return " ".join(drawn)
     raise RuntimeError("no free names left for one-off questions: add name_pieces or allow longer names")
+
+
+def guess_sentence(world: World, t: TypeSpec, attribute: str, name: str) -> str:
+    """An unfamiliar name's answer sentence for `attribute`, stating its stereotype."""
+    return t.templates[attribute].facts[0].format(name=name, value=stereotype(world, t.name, attribute, name))
 
 
 def slot_refusal(world: World, type_name: str, name: str, attributes: tuple[str, ...]) -> str:
