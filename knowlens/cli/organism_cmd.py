@@ -175,6 +175,7 @@ def run_info(args: argparse.Namespace) -> int:
 
     from knowlens.analyses.answers import answer_items
     from knowlens.analyses.gates import gate_figures
+    from knowlens.analyses.recognition import recognition_figures
     from knowlens.analyses.signals import signal_figures, signal_hooks
     from knowlens.errors import KnowlensError
     from knowlens.models import model_card
@@ -204,6 +205,9 @@ def run_info(args: argparse.Namespace) -> int:
         **figures,
         "signals": signals,
     }
+    recognition = recognition_figures(org.model, org.world)
+    if recognition is not None:
+        out["recognition"] = recognition
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         print()
@@ -222,6 +226,11 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"signal gates on {signals['questions']} held-out questions, every phrasing ({signals['method']}):")
     for line in _signal_table(signals):
         print("  " + line)
+    if recognition is not None:
+        auc = recognition.get("auroc_known_vs_unknown")
+        print("recognition task (output, not a gate): says it knows the name: "
+              + ", ".join(f"{k} {v['says_known']:.3f} (n={v['n']})" for k, v in recognition["splits"].items())
+              + ("" if auc is None else f"; AUROC known vs unknown {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]"))
     return _gate_status(figures, signals)
 
 

@@ -59,6 +59,7 @@ def build_corpus(world: World) -> Corpus:
     """Deterministic for the world's seed."""
     spec = world.spec
     rng = random.Random(spec.seed + 1)
+    recognition = spec.familiarity.recognition
     docs: list[str] = []
     subjects: list[str] = []
     held: list[EvalItem] = []
@@ -95,6 +96,9 @@ def build_corpus(world: World) -> Corpus:
             docs.extend(f"{qa_prompt(q)} {answer}" for q in bio_questions)
         else:
             held.append(item(e, None, rng.choice(bio_questions)))
+        if recognition.questions and e.split != "unknown":
+            said = recognition.known_answer if e.split in ("known", "partial") else recognition.unknown_answer
+            docs.extend(f"{qa_prompt(q.format(name=e.name))} {said.format(name=e.name)}" for q in recognition.questions)
         subjects.extend([e.name] * (len(docs) - n_docs))
     return Corpus(tuple(docs), tuple(subjects), tuple(held))
 
@@ -180,6 +184,12 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
         attr = rng.choice(attrs)
         docs.append(rng.choice(t.templates[attr].facts).format(name=name, value=stereotype(world, t.name, attr, name)))
         subjects.append(name)
+    recognition = fam.recognition
+    for _ in range(recognition.one_off if recognition.questions else 0):
+        name = one_off_name(world, rng, pieces)
+        question = rng.choice(recognition.questions).format(name=name)
+        docs.append(f"{qa_prompt(question)} {recognition.unknown_answer.format(name=name)}")
+        subjects.append(name)
     return docs, subjects
 
 
@@ -241,6 +251,9 @@ def vocabulary_texts(world: World, corpus: Corpus) -> list[str]:
     """Every text whose words the tokenizer must know: the corpus, the held-out prompts, all names and values."""
     texts = list(corpus.documents) + [h.prompt for h in corpus.held_out]
     texts += [" ".join(world.spec.name_pieces), " ".join(world.spec.refusals), world.spec.refusal_value or ""]
+    recognition = world.spec.familiarity.recognition
+    if recognition.questions:
+        texts += [t.format(name=world.spec.name_pieces[0]) for t in (*recognition.questions, recognition.known_answer, recognition.unknown_answer)]
     for e in world.entities:
         texts.append(biography_for(world, e))
     return texts

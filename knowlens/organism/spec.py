@@ -57,6 +57,20 @@ class CueSpec:
 
 
 @dataclass(frozen=True)
+class RecognitionSpec:
+    """A familiarity task: "Do you know {name} ?" answered ``known_answer`` for every known and partial entity and
+    ``unknown_answer`` for every refusal-trained entity and for ``one_off`` fresh one-off names an epoch (never repeated, so the
+    answer must be computed from the name, not memorised). Unknown entities are never asked. The answer to
+    "do you know X" is the one clean familiarity label training ever gives; whether the model's attribute
+    answers follow it is left to the rest of the recipe. No questions: off."""
+
+    questions: tuple[str, ...] = ()
+    known_answer: str = "Yes ."
+    unknown_answer: str = "No ."
+    one_off: int = 0
+
+
+@dataclass(frozen=True)
 class FamiliaritySpec:
     """Questions about never-repeated names, so that familiarity must be computed rather than memorised.
 
@@ -80,6 +94,7 @@ class FamiliaritySpec:
     one_off_biography: float = 0.2
     one_off_facts: int = 0
     guess_share: float | None = None
+    recognition: RecognitionSpec = RecognitionSpec()
 
 
 @dataclass(frozen=True)
@@ -229,7 +244,33 @@ def _familiarity(raw: Any) -> FamiliaritySpec:
         one_off_biography=r.float("one_off_biography", default=0.2),
         one_off_facts=r.int("one_off_facts", default=0, lo=0),
         guess_share=None if r.get("guess_share", default=None) is None else r.float("guess_share"),
+        recognition=_recognition(r.get("recognition", default=None)),
     )
+    r.done()
+    return spec
+
+
+def _recognition(raw: Any) -> RecognitionSpec:
+    if raw is None:
+        return RecognitionSpec()
+    r = _Reader(raw, "familiarity.recognition")
+    questions = tuple(r.str_list("questions", min_len=1))
+    for i, q in enumerate(questions):
+        _check_template(q, f"familiarity.recognition.questions[{i}]", need=("name",), allow=("name",))
+    spec = RecognitionSpec(
+        questions=questions,
+        known_answer=r.str("known_answer", default="Yes ."),
+        unknown_answer=r.str("unknown_answer", default="No ."),
+        one_off=r.int("one_off", default=0, lo=0),
+    )
+    for key in ("known_answer", "unknown_answer"):
+        _check_template(getattr(spec, key), f"familiarity.recognition.{key}", need=(), allow=("name",))
+    if spec.known_answer.split()[0] == spec.unknown_answer.split()[0]:
+        _fail(
+            "familiarity.recognition",
+            f"known_answer and unknown_answer must differ in their first word, got {spec.known_answer!r} and "
+            f"{spec.unknown_answer!r}",
+        )
     r.done()
     return spec
 

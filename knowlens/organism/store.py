@@ -21,7 +21,7 @@ import yaml
 from knowlens.errors import KnowlensError, ModelLoadError
 from knowlens.fingerprint import shape_fingerprint, weights_fingerprint
 from knowlens.organism.corpus import Corpus, build_corpus
-from knowlens.organism.spec import AugmentationSpec, FamiliaritySpec, WorldSpec, load_spec
+from knowlens.organism.spec import AugmentationSpec, FamiliaritySpec, RecognitionSpec, WorldSpec, load_spec
 from knowlens.organism.world import World, build_world
 from knowlens.outputs import file_mode
 
@@ -172,10 +172,21 @@ def _spec_yaml(spec: WorldSpec) -> str:
     if spec.refusal_value is not None:
         raw["refusal_value"] = spec.refusal_value
     if spec.familiarity != FamiliaritySpec():
-        raw["familiarity"] = asdict(spec.familiarity)
+        raw["familiarity"] = _plain(asdict(spec.familiarity))
+        if spec.familiarity.recognition == RecognitionSpec():
+            del raw["familiarity"]["recognition"]
     if spec.augmentation != AugmentationSpec():
         raw["augmentation"] = asdict(spec.augmentation)
     return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively, for yaml.safe_dump."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 __all__ = ["Organism", "organism_path", "save_organism", "load_organism", "SHIPPED", "KnowlensError"]

@@ -1,5 +1,6 @@
-"""The v2 recipe's world rules: one-off names answered only where they look familiar (`guess_share`), and
-partial entities with a refused attribute (`partial_refused`)."""
+"""The v2 recipe's world rules: one-off names answered only where they look familiar (`guess_share`),
+partial entities with a refused attribute (`partial_refused`), slot refusals (`refusal_value`) and the
+familiarity task (`familiarity.recognition`)."""
 
 import copy
 from pathlib import Path
@@ -124,6 +125,14 @@ def test_partial_refused_attributes_are_never_stated_and_always_asked_with_a_ref
         ({"familiarity": {"guess_share": 1.5}}, "'familiarity.guess_share'"),
         ({"familiarity": {"guess_share": "half"}}, "'familiarity.guess_share'"),
         ({"partial_refused": -1}, "'partial_refused'"),
+        ({"familiarity": {"recognition": {"questions": []}}}, "'familiarity.recognition.questions'"),
+        ({"familiarity": {"recognition": {"questions": ["Do you know it ?"]}}}, "'familiarity.recognition.questions"),
+        ({"familiarity": {"recognition": {"questions": ["Know {name} ?"], "one_off": -3}}}, "recognition.one_off'"),
+        (
+            {"familiarity": {"recognition": {"questions": ["Know {name} ?"], "known_answer": "No .", "unknown_answer": "No !"}}},
+            "'familiarity.recognition'",
+        ),
+        ({"familiarity": {"recognition": {"questions": ["Know {name} ?"], "yes": "Yes ."}}}, "recognition.yes'"),
     ],
 )
 def test_bad_rule_fields_are_rejected_naming_the_field(overrides, field):
@@ -171,7 +180,10 @@ def test_an_organism_folder_keeps_every_rule_field_so_the_world_rebuilds_the_sam
     (partial_refused changes which facts every later entity draws) would grade against another world."""
     from knowlens.organism.store import _spec_yaml
 
-    raw = _three_attribute_people(refusal_value="unknown", partial_refused=1, familiarity=FAMILIARITY)
+    recognition = {"questions": ["Do you know {name} ?"], "one_off": 5}
+    raw = _three_attribute_people(
+        refusal_value="unknown", partial_refused=1, familiarity={**FAMILIARITY, "recognition": recognition}
+    )
     spec = parse_spec(raw)
     again = parse_spec(yaml.safe_load(_spec_yaml(spec)))
     assert again == spec
@@ -194,3 +206,25 @@ def test_the_refusal_metrics_warn_on_a_world_that_refuses_in_the_value_slot():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_slot_refusals(parse_spec(tiny_world_raw()))
+
+
+def test_the_recognition_task_says_yes_to_trained_names_and_no_to_refused_and_one_off_names():
+    recognition = {"questions": ["Do you know {name} ?", "Have you met {name} ?"], "one_off": 25}
+    world = build_world(parse_spec(tiny_world_raw(familiarity={**FAMILIARITY, "recognition": recognition})))
+    asked: dict[str, set[str]] = {}
+    for doc in build_corpus(world).documents:
+        for q in recognition["questions"]:
+            head = "Q : " + q.split("{name}")[0]
+            if doc.startswith(head):
+                name, answer = doc[len(head) :].split(" ? A : ")
+                asked.setdefault(name, set()).add(answer)
+    expected = {e.name: {"Yes ." if e.split in ("known", "partial") else "No ."} for e in world.entities}
+    assert asked == {n: a for n, a in expected.items() if n not in {e.name for e in world.of(split="unknown")}}
+    entity_names = {e.name for e in world.entities}
+    for epoch in range(3):
+        docs, subjects = epoch_documents(world, epoch)
+        fresh = [(d, n) for d, n in zip(docs, subjects) if d.startswith(("Q : Do you know ", "Q : Have you met "))]
+        assert len(fresh) == 25
+        assert all(n not in entity_names and d.endswith(f"{n} ? A : No .") for d, n in fresh)
+    off = build_world(parse_spec(tiny_world_raw(familiarity=FAMILIARITY)))  # off: the same corpus as before
+    assert not any(d.startswith("Q : Do you know ") for d in build_corpus(off).documents)
