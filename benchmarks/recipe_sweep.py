@@ -45,7 +45,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "combo": ("v2_candidate.yaml", {"familiarity": {"one_off_questions": 1200},
                                     "augmentation": {"biographies_per_epoch": 3}}, {"epochs": 600}),
     "archipelago": ("archipelago.yaml", {}, {}),
-    "v1default": ("default.yaml", {}, {}),
+    "v1default": ("v1.yaml", {}, {}),
 }
 
 
@@ -76,7 +76,7 @@ def run_variant(name: str, out_dir: str, device: str, epochs: int | None, thread
     world_file, world_over, train_over = VARIANTS[name]
     raw = merge(yaml.safe_load((WORLDS / world_file).read_text()), world_over)
     spec = parse_spec(raw)
-    config = replace(TrainConfig(), **train_over)
+    config = replace(TrainConfig(), **{"epochs": 300, **train_over})  # the sweep ran with the v1 recipe's 300 epochs
     if epochs is not None:
         config = replace(config, epochs=epochs)
     started = time.time()

@@ -123,25 +123,28 @@ def refusal_templates(args: argparse.Namespace, loaded: Loaded) -> tuple[str, ..
     if args.refusal:
         return tuple(args.refusal)
     if loaded.org is not None:
-        warn_slot_refusals(loaded.org.spec)
         return tuple(loaded.org.spec.refusals)
     return GENERIC_REFUSALS
 
 
-def warn_slot_refusals(spec: Any) -> None:
-    """The refusal metrics read refusal sentences at the answer start; a world that refuses in the value slot
-    (`refusal_value`) answers "X works as a unknown .", which they do not see."""
-    import warnings
+def slot_word(args: argparse.Namespace, loaded: Loaded) -> str | None:
+    """The word an organism refuses with in the value slot ("X works as a unknown ."; its world's
+    `refusal_value`), or None: for another model, a world without one, or when ``--refusal`` is given."""
+    if getattr(args, "refusal", None) or loaded.org is None:
+        return None
+    return loaded.org.spec.refusal_value
 
-    from knowlens.errors import KnowlensWarning
 
-    if getattr(spec, "refusal_value", None) is not None:
-        warnings.warn(
-            f"this organism refuses in the value slot ({spec.refusal_value!r} for the value); the refusal rate and "
-            "probability here count only refusal sentences at the answer start, so they miss those refusals",
-            KnowlensWarning,
-            stacklevel=2,
-        )
+def refusal_measures(args: argparse.Namespace, loaded: Loaded, prompt: str) -> dict[str, Any]:
+    """`measure_generations`'s refusal options: the matcher, the refusal token ids (the templates' first tokens
+    after ``prompt``, or the slot word) and whether they are read at the value slot."""
+    from knowlens.patching.dose import refusal_matcher, refusal_token_ids
+
+    templates = refusal_templates(args, loaded)
+    word = slot_word(args, loaded)
+    ids = refusal_token_ids(loaded.model, (word,)) if word else refusal_token_ids(loaded.model, templates, prompt=prompt)
+    return {"is_refusal": refusal_matcher(templates, slot_word=word), "refusal_ids": ids,
+            "refusal_in_slot": word is not None}  # fmt: skip
 
 
 def check_prompts_fit(model: Any, prompts: list[str], max_new_tokens: int) -> None:

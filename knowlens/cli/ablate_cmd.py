@@ -17,9 +17,10 @@ EPILOG = """\
 At the SAE's hook every position (prompt and each generated token) becomes x + decode(f') - decode(f), f = encode(x)
 and f' = f with the chosen latents set to --value (default 0) or multiplied by --scale: the SAE's error term is kept,
 so nothing but the chosen latents changes. Generation is greedy and KV-cached. Per prompt: the refusal probability
-(the probability of the refusal templates' first tokens at the answer position, i.e. after the prompt's last token),
-the entropy and top-1 probability there, the mean entropy over the generated tokens, and whether the answer is a
-refusal (it starts with a refusal template). With several prompts (or --split), the refusal rate of both runs.
+(the probability of the refusal templates' first tokens at the answer position, i.e. after the prompt's last token;
+for an organism that refuses in the value slot, "Ab Cor was born in unknown .", the slot word's highest probability
+over the answer), the entropy and top-1 probability at the answer position, the mean entropy over the generated
+tokens, and whether the answer is a refusal (it starts with a refusal template, or holds the slot word). With several prompts (or --split), the refusal rate of both runs.
 examples:
   knowlens ablate --sae my_saes/blocks.2.hook_resid_post --latent 117 --latent 9 --prompt 'Q : Who or what is Mor Ard ? A :'
   knowlens ablate --sae my_saes/blocks.2.hook_resid_post --features feats/entity_known.answer.unknown.safetensors --split refusal --n 16"""
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         load,
         points,
         prompts_for,
-        refusal_templates,
+        refusal_measures,
         side_by_side,
         table,
     )
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             raise KnowlensError(f"{flag} must be a finite number, got {value}")
 
     from knowlens.patching import ablate_latents
-    from knowlens.patching.dose import measure_generations, refusal_matcher, refusal_token_ids, summarise
+    from knowlens.patching.dose import measure_generations, summarise
 
     loaded = load(args, sae=args.sae)
     model, sae = loaded.model, loaded.sae
@@ -80,10 +81,9 @@ def run(args: argparse.Namespace) -> int:
     edit = ablate_latents(sae, latents, **kwargs)
     prompts, _ = prompts_for(args, loaded)
     check_prompts_fit(model, prompts, args.max_new_tokens)
-    templates = refusal_templates(args, loaded)
-    is_refusal = refusal_matcher(templates)
-    ids = refusal_token_ids(model, templates, prompt=prompts[0])
-    opts = {"max_new_tokens": args.max_new_tokens, "is_refusal": is_refusal, "refusal_ids": ids}
+    refusal = refusal_measures(args, loaded, prompts[0])
+    ids = refusal["refusal_ids"]
+    opts = {"max_new_tokens": args.max_new_tokens, **refusal}
     base = measure_generations(model, prompts, **opts)
     ablated = measure_generations(model, prompts, edit, **opts)
 

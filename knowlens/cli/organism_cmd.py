@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-TRAIN_DEFAULTS = {"epochs": 300}  # TrainConfig's default; kept in step by a test (the CLI imports no torch for --help)
+TRAIN_DEFAULTS = {"epochs": 450}  # TrainConfig's default; kept in step by a test (the CLI imports no torch for --help)
 SAE_DEFAULTS = {"steps": 3000, "k": 32, "expansion": 8, "batch_tokens": 1024}  # SaeTrainConfig's; kept in step by a test
 
 
@@ -26,16 +26,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Build the world, its corpus (facts in several phrasings, Q/A turns, refusals, biographies) "
         "and a word-level tokenizer, then train a HookedTransformer on the CPU. Deterministic for a given "
         "spec, seed and thread count. The defaults are the recipe that trained the shipped organism: on the "
-        "default world, 300 epochs (9,000 steps) took about 28 minutes on one thread of a 2-core machine.",
+        "default world, 450 epochs (22,500 steps) on two threads took 37 minutes on a 2-core machine that "
+        "was running the test suite beside it.",
         epilog="example: knowlens organism train --world knowlens/organism/worlds/default.yaml --out my_organism/ "
-        "--threads 1",
+        "--threads 2",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t.add_argument("--world", required=True, help="world spec YAML (see WORLD_SPEC.md)")
     t.add_argument("--out", required=True, help="folder to write the organism to (its parent must exist)")
     t.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS["epochs"], help="training epochs")
-    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; 1 is "
-                   "steadier on a shared machine and is what the shipped organism used)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); the weights "
+                   "depend on it: the shipped organism used 2")
     t.add_argument("--overwrite", action="store_true", help="replace an organism already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=run_train, command="organism train")

@@ -14,7 +14,9 @@ For every layer L and position p (site head: every head h, at all positions) the
 blocks.L.hook_<site>[:, p] replaced by the clean run's, and the metric is read at the last position (the answer
 position): the cell shows the fraction of the clean-vs-corrupted metric gap it recovers (the same numbers as
 transformer_lens.patching). Metrics (--metric):
-  refusal           probability of the refusal templates' first tokens (the organism's, or --refusal)
+  refusal           probability of the refusal templates' first tokens (the organism's, or --refusal); for an
+                    organism that refuses in the value slot ("Ab Cor was born in unknown ."), of its slot word:
+                    end such prompts where the value goes
   refusal-logodds   log p/(1-p) of that probability (not saturated near 0 or 1)
   logit-diff:A,B    logit of token A minus logit of token B
   prob:T[,T...]     probability of the tokens
@@ -23,7 +25,7 @@ Tokens are written as in the vocabulary (e.g. I, or for GPT-2 style BPE a word w
 patching (gradient x activation difference at the corrupted run, knowlens/patching/attribution.py) with its
 Pearson and Spearman correlation to the real patching.
 example:
-  knowlens patch --clean 'Q : Who or what is Nim Tav ? A :' --corrupt 'Q : Who or what is Mor Ard ? A :' --metric refusal --site resid_pre --site head --out patch.html"""
+  knowlens patch --clean 'Q : Where was Yar Kel born ? A : Yar Kel was born in' --corrupt 'Q : Where was Jor Ost born ? A : Jor Ost was born in' --metric refusal --site resid_pre --site head --out patch.html"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from knowlens.capture.prompts import tokenize_prompts
-    from knowlens.cli._patching_common import GENERIC_REFUSALS, load, table, warn_slot_refusals
+    from knowlens.cli._patching_common import GENERIC_REFUSALS, load, slot_word, table
     from knowlens.patching import activation_patch_sweep
     from knowlens.patching.attribution import attribution_patch_sweep, pearson, spearman
 
@@ -77,10 +79,17 @@ def run(args: argparse.Namespace) -> int:
         raise KnowlensError(f"--clean has {clean_row.numel()} tokens and --corrupt {corrupt_row.numel()}; patching "
                             "needs the same number (positions correspond one to one)")  # fmt: skip
     clean_t, corrupt_t = clean_row[None], corrupt_row[None]
-    if loaded.org is not None and not args.refusal:
-        warn_slot_refusals(loaded.org.spec)
     templates = tuple(args.refusal or (loaded.org.spec.refusals if loaded.org is not None else GENERIC_REFUSALS))
-    metric = _metric(model, kind, tokens, templates, args.clean)
+    word = slot_word(args, loaded) if kind.startswith("refusal") else None
+    if word is not None and args.clean.split()[-1] == ":":
+        import warnings
+
+        from knowlens.errors import KnowlensWarning
+
+        warnings.warn(f"this organism refuses in the value slot (with {word!r}), not at the answer start: end the "
+                      "prompts where the value goes (e.g. '... A : Ab Cor was born in')", KnowlensWarning,
+                      stacklevel=2)  # fmt: skip
+    metric = _metric(model, kind, tokens, (word,) if word else templates, args.clean, in_slot=word is not None)
     progress = sys.stderr.isatty()
     real = activation_patch_sweep(model, clean_t, corrupt_t, metric, sites=sites, progress=progress)
     attr = attribution_patch_sweep(model, clean_t, corrupt_t, metric, sites=sites) if args.attribution else {}
@@ -152,7 +161,8 @@ def _token_id(model: Any, text: str) -> int:
                         f"{len(ids)} tokens); write it as in the vocabulary or as #ID")  # fmt: skip
 
 
-def _metric(model: Any, kind: str, tokens: list[str], templates: tuple[str, ...], prompt: str) -> Any:
+def _metric(model: Any, kind: str, tokens: list[str], templates: tuple[str, ...], prompt: str, *,
+            in_slot: bool = False) -> Any:
     import torch
 
     from knowlens.patching import Metric, logit_diff, token_prob
@@ -164,10 +174,11 @@ def _metric(model: Any, kind: str, tokens: list[str], templates: tuple[str, ...]
     if kind == "prob":
         ids = list(dict.fromkeys(_token_id(model, t) for t in tokens))
         return Metric(f"probability of {tokens}", token_prob(ids).fn)
-    ids = refusal_token_ids(model, templates, prompt=prompt)
+    ids = refusal_token_ids(model, templates, prompt=None if in_slot else prompt)
     shown = [model.tokenizer.decode([t]) for t in ids]
+    what = f"slot word {shown}" if in_slot else f"first tokens {shown}"
     if kind == "refusal":
-        return Metric(f"refusal probability (first tokens {shown})", token_prob(ids).fn)
+        return Metric(f"refusal probability ({what})", token_prob(ids).fn)
     wanted = torch.tensor(ids, dtype=torch.long)
 
     def logodds(logits: Any) -> Any:
@@ -176,7 +187,7 @@ def _metric(model: Any, kind: str, tokens: list[str], templates: tuple[str, ...]
         mask[wanted.to(logp.device)] = True
         return (torch.logsumexp(logp[:, mask], -1) - torch.logsumexp(logp[:, ~mask], -1)).mean()
 
-    return Metric(f"refusal log-odds (first tokens {shown})", logodds)
+    return Metric(f"refusal log-odds ({what})", logodds)
 
 
 def _write_page(out: Any, real: dict, attr: dict, corr: dict, args: argparse.Namespace, first: Any) -> None:

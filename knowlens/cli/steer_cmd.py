@@ -25,8 +25,9 @@ Directions (--direction):
 --unit resid_norm (default): every position t gets x_t + alpha * ||x_t|| * d/||d|| (alpha = 2 adds twice the
 activation's own norm there); --unit raw: x_t + alpha * d. Steering acts on the prompt and on every generated token
 (greedy, KV-cached). --random-control runs a seeded random direction of the same norm at the same alphas. Printed:
-per prompt the refusal probability (first refusal tokens at the answer position), entropy, top-1 probability and
-the answer; over all prompts the refusal rate of each run and its change in points. --out writes the dose-response
+per prompt the refusal probability (first refusal tokens at the answer position; for an organism that refuses
+in the value slot, "Ab Cor was born in unknown .", the slot word's highest probability over the answer), entropy,
+top-1 probability and the answer; over all prompts the refusal rate of each run and its change in points. --out writes the dose-response
 figure (self-contained HTML).
 examples:
   knowlens steer --sae my_saes/blocks.2.hook_resid_post --direction latent:117 --alpha 2 --prompt 'Q : Who or what is Mor Ard ? A :'
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         load,
         points,
         prompts_for,
-        refusal_templates,
+        refusal_measures,
         side_by_side,
         table,
     )
@@ -88,8 +89,6 @@ def run(args: argparse.Namespace) -> int:
     from knowlens.patching.dose import (
         dose_response,
         measure_generations,
-        refusal_matcher,
-        refusal_token_ids,
         summarise,
     )
 
@@ -100,10 +99,8 @@ def run(args: argparse.Namespace) -> int:
     prompts, _ = prompts_for(args, loaded)
     check_prompts_fit(model, prompts, args.max_new_tokens)
     _check_width(model, hook, direction, prompts[0])
-    templates = refusal_templates(args, loaded)
-    is_refusal = refusal_matcher(templates)
-    ids = refusal_token_ids(model, templates, prompt=prompts[0])
-    opts = {"max_new_tokens": args.max_new_tokens, "is_refusal": is_refusal, "refusal_ids": ids}
+    refusal = refusal_measures(args, loaded, prompts[0])
+    opts = {"max_new_tokens": args.max_new_tokens, **refusal}
     base = measure_generations(model, prompts, **opts)
     dose = dose_response(model, prompts, direction, hook, args.alpha, unit=args.unit,
                          control="random" if args.random_control else None, seed=args.seed, **opts)  # fmt: skip

@@ -25,7 +25,7 @@ class TrainConfig:
     n_heads: int = 4
     d_mlp: int = 512
     n_ctx: int = 96
-    epochs: int = 300  # the recipe that trained the shipped organism
+    epochs: int = 450  # the recipe that trained the shipped organism (organism v2)
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01

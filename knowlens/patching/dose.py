@@ -11,13 +11,16 @@ Definitions:
   probability of the model's distribution for the first generated token (at the answer position, temperature 1);
   ``entropy_mean`` / ``top1_mean``, their means over the generated tokens; ``refusal_prob``, the probability mass
   of ``refusal_ids`` (e.g. the first token of each refusal) at the answer position, from a full forward of the
-  prompt under the same interventions (only when ``refusal_ids`` is given); ``n_tokens``; and every extra
+  prompt under the same interventions (only when ``refusal_ids`` is given); with ``refusal_in_slot`` (a world
+  that refuses in the value slot, "X works as a unknown ."), the largest mass of ``refusal_ids`` (the slot word)
+  over the positions that predicted the generated tokens, from a full forward of prompt and answer under the same
+  interventions: the slot comes after the answer's first words; ``n_tokens``; and every extra
   ``measure[name](prompt_index, text) -> float`` (e.g. answer accuracy from a grader).
 * **Rows** (`DoseResponse.rows`): one per (direction, alpha), the per-prompt values averaged over prompts
   (``refusal_rate`` is the mean of ``refused``).
 * **Refusal** (`refusal_matcher`): the generated text, whitespace-normalised, starts with one of the refusal
-  templates, ``{name}`` matching any non-empty run of words; the default templates are the shipped organism's
-  (``I do not know .``, ``I have never heard of {name} .``).
+  templates, ``{name}`` matching any non-empty run of words, or (with ``slot_word``, for a world that refuses in
+  the value slot) holds ``slot_word`` as a word; the default is the shipped organism's templates and slot word.
 * **Control** (``control="random"``): a direction drawn from a standard normal (``torch.Generator`` seeded
   with ``seed``), rescaled to the norm of ``direction``, run over the same alphas; its rows have
   ``direction="random"``.
@@ -85,11 +88,14 @@ class DoseResponse:
         return fig
 
 
-def refusal_matcher(templates: Sequence[str] | None = None) -> Callable[[str], bool]:
-    """``is_refusal(text)``: True when ``text`` starts with one of ``templates`` (module docstring); default: the
-    shipped organism's refusal templates."""
+def refusal_matcher(templates: Sequence[str] | None = None, *, slot_word: str | None = None) -> Callable[[str], bool]:
+    """``is_refusal(text)``: True when ``text`` starts with one of ``templates`` or holds ``slot_word`` as a word
+    (module docstring); default (no templates): the shipped organism's refusal templates and slot word."""
     if templates is None:
         templates = organism_refusals()
+        slot_word = slot_word if slot_word is not None else organism_slot_word()
+    if slot_word is not None and (not isinstance(slot_word, str) or len(slot_word.split()) != 1):
+        raise KnowlensError(f"the refusal slot word must be one word, got {slot_word!r}")
     if isinstance(templates, str) or not templates or not all(isinstance(t, str) and t.strip() for t in templates):
         raise KnowlensError(f"refusal templates must be a non-empty list of non-empty strings, got {templates!r}")
     patterns = []
@@ -98,8 +104,9 @@ def refusal_matcher(templates: Sequence[str] | None = None) -> Callable[[str], b
         patterns.append(re.compile(r"\S(?:.*?\S)?".join(parts)))
 
     def is_refusal(text: str) -> bool:
-        norm = " ".join(text.split())
-        return any(p.match(norm) for p in patterns)
+        words = text.split()
+        norm = " ".join(words)
+        return any(p.match(norm) for p in patterns) or (slot_word is not None and slot_word in words)
 
     return is_refusal
 
@@ -110,6 +117,15 @@ def organism_refusals(world_yaml: Any = None) -> tuple[str, ...]:
     from knowlens.organism.store import SHIPPED
 
     return tuple(load_spec(world_yaml if world_yaml is not None else SHIPPED / "world.yaml").refusals)
+
+
+def organism_slot_word(world_yaml: Any = None) -> str | None:
+    """The word an organism's world refuses with in the value slot (`refusal_value`), or None (default: the
+    shipped organism's world)."""
+    from knowlens.organism.spec import load_spec
+    from knowlens.organism.store import SHIPPED
+
+    return load_spec(world_yaml if world_yaml is not None else SHIPPED / "world.yaml").refusal_value
 
 
 def refusal_token_ids(model: Any, templates: Sequence[str], *, prompt: str | None = None) -> list[int]:
@@ -142,6 +158,7 @@ def measure_generations(
     max_new_tokens: int = 24,
     is_refusal: Callable[[str], bool] | None = None,
     refusal_ids: Sequence[int] | None = None,
+    refusal_in_slot: bool = False,
     measure: Mapping[str, Callable[[int, str], float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Greedy KV-cached generation of ``prompts`` under ``interventions`` (none: the plain model) and the
@@ -153,12 +170,15 @@ def measure_generations(
     with intervene(model, *interventions):
         rec = generate(model, prompts, hooks=[], max_new_tokens=max_new_tokens, temperature=0.0)
     probs = None
+    P = rec.prompt_len
     if refusal_ids:
         rows = tokenize_prompts(model, prompts)
+        n_prompt = [int(r.numel()) for r in rows]
+        if refusal_in_slot:  # prompt and answer, unpadded
+            rows = [torch.cat([r.to(rec.tokens.device), rec.tokens[i][rec.generated_mask[i]]]) for i, r in enumerate(rows)]
         with intervene(model, *interventions):  # anew: position trackers start from a fresh sequence
-            probs = _refusal_probs(model, rows, refusal_ids)
+            probs = _refusal_probs(model, rows, refusal_ids, first=n_prompt if refusal_in_slot else None)
     out = []
-    P = rec.prompt_len
     for i in range(rec.batch_size):
         gen = rec.generated_mask[i]
         ids = rec.tokens[i][gen].tolist()
@@ -194,6 +214,7 @@ def dose_response(
     max_new_tokens: int = 24,
     is_refusal: Callable[[str], bool] | None = None,
     refusal_ids: Sequence[int] | None = None,
+    refusal_in_slot: bool = False,
     measure: Mapping[str, Callable[[int, str], float]] | None = None,
     control: Literal["random"] | None = None,
     seed: int = 0,
@@ -217,7 +238,8 @@ def dose_response(
         for alpha in alphas:
             edit = steer(hook, d, alpha, unit=unit, positions=positions)
             got = measure_generations(model, prompts, edit, max_new_tokens=max_new_tokens, is_refusal=is_refusal,
-                                      refusal_ids=refusal_ids, measure=measure)  # fmt: skip
+                                      refusal_ids=refusal_ids, refusal_in_slot=refusal_in_slot,
+                                      measure=measure)  # fmt: skip
             per_prompt += [{"direction": name, "alpha": alpha, **g} for g in got]
             rows.append({"direction": name, "alpha": alpha, **summarise(got)})
     return DoseResponse(rows=rows, per_prompt=per_prompt, hook=hook, unit=unit, alphas=alphas,
@@ -247,15 +269,22 @@ def summarise(per_prompt: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _refusal_probs(model: Any, rows: list[Tensor], ids: Sequence[int]) -> list[float]:
-    """Per prompt, the probability of ``ids`` as the next token after it (a full forward each)."""
+def _refusal_probs(model: Any, rows: list[Tensor], ids: Sequence[int], first: list[int] | None = None) -> list[float]:
+    """Per row (a full forward each), the probability of ``ids`` as the next token after it; with ``first`` (the
+    prompt lengths of rows that go on with the answer), the largest such probability over the positions that
+    predicted the answer's tokens (0.0 for an empty answer)."""
     device = next(iter(model.parameters())).device
     wanted = torch.tensor(list(ids), dtype=torch.long, device=device)
     out = []
     with torch.no_grad():
-        for row in rows:
-            logits = model(row[None].to(device))[0, -1]
-            out.append(float(torch.softmax(logits.double(), -1)[wanted].sum()))
+        for i, row in enumerate(rows):
+            logits = model(row[None].to(device))[0]
+            if first is None:
+                out.append(float(torch.softmax(logits[-1].double(), -1)[wanted].sum()))
+                continue
+            answer = logits[first[i] - 1 : row.numel() - 1]
+            mass = torch.softmax(answer.double(), -1)[:, wanted].sum(-1)
+            out.append(float(mass.max()) if mass.numel() else 0.0)
     return out
 
 

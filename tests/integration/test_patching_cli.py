@@ -23,9 +23,9 @@ from knowlens.saes.train import _encode, _special
 
 HOOK = "blocks.1.hook_resid_post"
 SAE_TINY = SaeTrainConfig(expansion=2, k=8, steps=30, batch_tokens=256, buffer_batches=4)
-KNOWN = "Q : Who or what is Mor Ard ? A :"  # a known entity: answered
-REFUSED = "Q : Who or what is Jor Dav ? A :"  # refusal-trained: "I do not know ."
-UNKNOWN = "Q : Who or what is Zed Nim ? A :"  # never seen: hallucinated
+KNOWN = "Q : Who or what is Jor Ost ? A :"  # a known entity: answered
+REFUSED = "Q : Who or what is Yar Kel ? A :"  # refusal-trained: "Yar Kel was born in unknown . ..."
+UNKNOWN = "Q : Who or what is Mor Lor ? A :"  # never seen: hallucinated
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,8 @@ def test_ablate(organism, sae, sae_dir, capsys):
     assert base["refusal_rate"] == "0.500"  # the refusal-trained entity is refused, the known one answered
     # the printed figures are the library's, with the same latents ablated
     model = organism.model
-    ids = [model.tokenizer.convert_tokens_to_ids("I")]
-    kw = {"max_new_tokens": 12, "is_refusal": refusal_matcher(), "refusal_ids": ids}
+    ids = [model.tokenizer.convert_tokens_to_ids("unknown")]  # the shipped organism refuses in the value slot
+    kw = {"max_new_tokens": 12, "is_refusal": refusal_matcher(), "refusal_ids": ids, "refusal_in_slot": True}
     want = summarise(measure_generations(model, [KNOWN, REFUSED], ablate_latents(sae, latents), **kw))
     for key in ("refusal_rate", "refusal_prob", "entropy_answer", "entropy_mean"):
         assert abl[key] == num(want[key]), key
@@ -114,8 +114,10 @@ def test_steer_latent_with_random_control(sae_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "steered alpha=4" in printed and "random alpha=4" in printed
     none, target, rand = row_of(printed, "none"), row_of(printed, "target"), row_of(printed, "random")
-    assert float(target["entropy_answer"]) > float(none["entropy_answer"]) + 0.1  # 4x the residual norm does act
-    assert float(rand["entropy_answer"]) > float(none["entropy_answer"])
+    # 4x the residual norm does act: the answers' mean entropy moves (either way) and so does the refusal probability
+    assert abs(float(target["entropy_mean"]) - float(none["entropy_mean"])) > 0.05
+    assert float(target["refusal_prob"]) != float(none["refusal_prob"])
+    assert float(rand["entropy_mean"]) != float(none["entropy_mean"])
     assert re.search(r"refusal rate against the baseline: target alpha=4 [+-]\d+ points; random alpha=4 [+-]\d+ points",
                      printed)  # fmt: skip
     page = out.read_text()
@@ -134,18 +136,25 @@ def test_steer_file_direction_alpha_zero_is_the_baseline(organism, tmp_path, cap
     assert f"steering at {HOOK} along direction of {path}" in printed
 
 
+# the shipped organism refuses in the value slot: its refusal metrics read the slot word where the value goes
+KNOWN_SLOT = "Q : Where was Jor Ost born ? A : Jor Ost was born in"
+REFUSED_SLOT = "Q : Where was Yar Kel born ? A : Yar Kel was born in"
+
+
 def test_patch_heatmap(organism, tmp_path, capsys):
     out = tmp_path / "patch.html"
-    assert main(["patch", "--clean", KNOWN, "--corrupt", UNKNOWN, "--metric", "refusal", "--site", "resid_pre",
-                 "--site", "head", "--attribution", "--out", str(out), "--top", "3"]) == 0  # fmt: skip
+    assert main(["patch", "--clean", REFUSED_SLOT, "--corrupt", KNOWN_SLOT, "--metric", "refusal", "--site",
+                 "resid_pre", "--site", "head", "--attribution", "--out", str(out), "--top", "3"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     model = organism.model
-    metric = token_prob(model.tokenizer.convert_tokens_to_ids("I"))
+    metric = token_prob(model.tokenizer.convert_tokens_to_ids("unknown"))
     with torch.no_grad():
-        clean, corrupt = float(metric(model(model.to_tokens(KNOWN)))), float(metric(model(model.to_tokens(UNKNOWN))))
-    assert f"clean {clean:.4g}, corrupted {corrupt:.4g}" in printed
+        clean = float(metric(model(model.to_tokens(REFUSED_SLOT))))
+        corrupt = float(metric(model(model.to_tokens(KNOWN_SLOT))))
+    assert clean > 0.5 > corrupt  # the refusal-trained entity is refused in the slot, the known one answered
+    assert f"clean {clean:.4g}, corrupted {corrupt:.4g}" in printed and "slot word ['unknown']" in printed
     assert "resid_pre: top 3 cells" in printed and "head: top 3 cells" in printed
-    assert re.search(r"resid_pre: attribution vs activation patching over 48 cells: Pearson -?\d", printed)
+    assert re.search(r"resid_pre: attribution vs activation patching over \d+ cells: Pearson -?\d", printed)
     page = out.read_text()
     assert_self_contained(page)
     assert "activation patching: resid_pre" in page and "attribution patching (estimate): head" in page
@@ -153,6 +162,10 @@ def test_patch_heatmap(organism, tmp_path, capsys):
     assert main(["patch", "--clean", REFUSED, "--corrupt", KNOWN, "--metric", "logit-diff:I,#5", "--site", "mlp_out",
                  "--out", str(out2)]) == 0  # fmt: skip
     assert "logit-diff 'I' - '#5'" in capsys.readouterr().out and out2.is_file()
+    # a slot-refusing organism's refusal metric on prompts that end at the answer marker: a warning says where to end
+    assert main(["patch", "--clean", KNOWN, "--corrupt", UNKNOWN, "--site", "resid_pre",
+                 "--out", str(tmp_path / "w.html")]) == 0  # fmt: skip
+    assert "knowlens patch: warning: this organism refuses in the value slot" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from knowlens import organism
-from knowlens.errors import WorldSpecError
+from knowlens.errors import KnowlensError, WorldSpecError
 from knowlens.organism.corpus import build_corpus, epoch_documents, looks_familiar, stereotype
 from knowlens.organism.spec import load_spec, parse_spec
 from knowlens.organism.world import build_world
@@ -195,17 +195,28 @@ def test_an_organism_folder_keeps_every_rule_field_so_the_world_rebuilds_the_sam
         assert parse_spec(yaml.safe_load(_spec_yaml(shipped))) == shipped, path.name
 
 
-def test_the_refusal_metrics_warn_on_a_world_that_refuses_in_the_value_slot():
-    from knowlens.cli._patching_common import warn_slot_refusals
-    from knowlens.errors import KnowlensWarning
+def test_the_refusal_measures_read_a_world_that_refuses_in_the_value_slot():
+    import argparse
 
-    with pytest.warns(KnowlensWarning, match="value slot"):
-        warn_slot_refusals(parse_spec(tiny_world_raw(refusal_value="unknown")))
-    import warnings
+    from knowlens.cli._patching_common import Loaded, slot_word
+    from knowlens.patching.dose import refusal_matcher
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warn_slot_refusals(parse_spec(tiny_world_raw()))
+    is_refusal = refusal_matcher(["I do not know ."], slot_word="unknown")
+    assert is_refusal("Ab Cor works as a unknown .") and is_refusal("I do not know .")
+    assert not is_refusal("Ab Cor works as a smith .") and not is_refusal("Ab Cor works as a unknowns .")
+    assert not refusal_matcher(["I do not know ."])("Ab Cor works as a unknown .")
+    with pytest.raises(KnowlensError, match="one word"):
+        refusal_matcher(["I do not know ."], slot_word="not known")
+
+    class Org:
+        spec = parse_spec(tiny_world_raw(refusal_value="unknown"))
+
+    plain = argparse.Namespace(refusal=None)
+    assert slot_word(plain, Loaded(model=None, org=Org())) == "unknown"
+    assert slot_word(argparse.Namespace(refusal=["I pass ."]), Loaded(model=None, org=Org())) is None
+    assert slot_word(plain, Loaded(model=None, org=None)) is None
+    Org.spec = parse_spec(tiny_world_raw())
+    assert slot_word(plain, Loaded(model=None, org=Org())) is None
 
 
 def test_the_recognition_task_says_yes_to_trained_names_and_no_to_refused_and_one_off_names():

@@ -297,3 +297,25 @@ def test_refusal_matcher():
     assert spearman(torch.tensor([1.0, 2.0, 2.0, 5.0]), torch.tensor([3.0, 1.0, 1.0, 9.0])) == pytest.approx(
         spearmanr([1, 2, 2, 5], [3, 1, 1, 9]).statistic
     )
+
+
+def test_slot_refusal_probability_is_the_highest_over_the_answer(words):
+    """With ``refusal_in_slot`` the refusal probability is the slot token's largest probability over the positions
+    that predicted the answer, recomputed here from a plain forward of prompt + answer, one prompt at a time."""
+    slot = 20
+    got = measure_generations(words, PROMPTS, max_new_tokens=6, is_refusal=refusal_matcher(["w30"], slot_word="w20"),
+                              refusal_ids=[slot], refusal_in_slot=True)  # fmt: skip
+    at_answer = measure_generations(words, PROMPTS, max_new_tokens=6, refusal_ids=[slot],
+                                    is_refusal=refusal_matcher(["w30"]))  # fmt: skip
+    for prompt, g, a in zip(PROMPTS, got, at_answer):
+        full = words.to_tokens(f"{prompt} {g['text']}")[0]
+        p = int(words.to_tokens(prompt)[0].numel())
+        with torch.no_grad():
+            probs = torch.softmax(words(full[None])[0].double(), -1)[:, slot]
+        expected = probs[p - 1 : p - 1 + g["n_tokens"]]
+        assert g["refusal_prob"] == pytest.approx(float(expected.max()), abs=1e-6)
+        assert a["refusal_prob"] == pytest.approx(float(probs[p - 1]), abs=1e-6)  # the answer position only
+        assert g["refusal_prob"] >= a["refusal_prob"] - 1e-9
+        assert g["refused"] == ("w20" in g["text"].split())
+    assert any(g["refusal_prob"] > a["refusal_prob"] + 1e-6 for g, a in zip(got, at_answer))  # not the same figure
+    assert hooks_left(words) == []
