@@ -26,17 +26,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Build the world, its corpus (facts in several phrasings, Q/A turns, refusals, biographies) "
         "and a word-level tokenizer, then train a HookedTransformer on the CPU. Deterministic for a given "
         "spec, seed and thread count. The defaults are the recipe that trained the shipped organism: on the "
-        "default world, 450 epochs (22,500 steps) on two threads took 37 minutes on a 2-core machine that "
-        "was running the test suite beside it.",
+        "default world, 450 epochs (22,050 steps) on one thread took 61 minutes on a 2-core machine that was "
+        "running another training and the test suite beside it.",
         epilog="example: knowlens organism train --world knowlens/organism/worlds/default.yaml --out my_organism/ "
-        "--threads 2",
+        "--threads 1",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t.add_argument("--world", required=True, help="world spec YAML (see WORLD_SPEC.md)")
     t.add_argument("--out", required=True, help="folder to write the organism to (its parent must exist)")
     t.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS["epochs"], help="training epochs")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); the weights "
-                   "depend on it: the shipped organism used 2")
+                   "depend on it: the shipped organism used 1")
     t.add_argument("--overwrite", action="store_true", help="replace an organism already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=run_train, command="organism train")
