@@ -9,7 +9,11 @@ whose ``prob``, when the signal is a probability of being correct, is that proba
   ``fit="cross"`` (default) fits one probe per half of the entities and labels each half's answers with the probe
   of the *other* half (so no evaluated prompt was seen by the probe that labels it); ``fit="all"`` fits one probe on
   every question prompt (in-sample for the prompts). Further probes (``probe:<name>``) and ``entity_known`` are
-  signals of their own.
+  signals of their own. Without probe files, ``entity_slot`` options add ``probe:entity_slot``: the entity-contrast
+  probe at the answer slot (`knowlens.probes.pseudo_labels.entity_contrast_labels` with ``position="slot"``:
+  self-generated vs fabricated names, read where the model's own answers first depend on the entity), fitted once
+  (its names come from the model's samples and from fabrication, not from the evaluated items) and applied before
+  every token in the same labelling pass.
 * **ground-truth probe** (`ground_truth_signal`): the upper-bound reference, as the organism's signal gate
   `knowlens.analyses.signals` builds it: rows the value tokens, the residual at the position that predicted the
   token, every residual hook a candidate, out-of-fold logistic scores from ``folds`` folds grouped by entity (hook
@@ -110,13 +114,23 @@ def label_signals(
     batch_size: int,
     max_new_tokens: int,
     sae: Any = None,
+    entity_slot: dict[str, Any] | None = None,
     log: Callable[[str], object] = lambda _: None,
 ) -> tuple[list[Signal], set[int], dict[str, Any]]:
     """The labels' signals, the answers whose labelled tokens differ from the graded ones, and how the probes were
-    made (module docstring)."""
+    made (module docstring). ``entity_slot``: options of the entity contrast at the answer slot (``templates``,
+    ``exclude_texts``, ...) to fit that probe too when no probes are given; None leaves it out."""
     items = [a.item for a in answers]
     details: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="knowlens-eval-") as tmp:
+        extra: list[Any] = []
+        if not probes and entity_slot is not None:
+            log("fitting an entity-contrast probe at the answer slot (self-generated vs fabricated names)")
+            try:
+                slot_probe, details["entity_slot"] = _fit_entity_slot(model, Path(tmp) / "slot", entity_slot, seed=seed)
+                extra.append(slot_probe)
+            except KnowlensError as err:
+                details["entity_slot"] = f"left out: {err}"
         if probes:
             labelled = [_label(model, items, list(probes), batch_size, max_new_tokens, sae)]
             pick = [0] * len(items)
@@ -131,7 +145,7 @@ def label_signals(
                 probe, info = _fit_probe(model, fit_items, Path(tmp) / f"fit{part}", k=k, seed=seed,
                                          max_new_tokens=max_new_tokens)  # fmt: skip
                 details["fits"].append({"labels_entity_half": part, "fit_prompts": len(fit_items), **info})
-                labelled.append(_label(model, items, [probe], batch_size, max_new_tokens, None))
+                labelled.append(_label(model, items, [probe, *extra], batch_size, max_new_tokens, None))
             pick = [0 if fit == "all" else halves[h.entity] for h in items]
     gens = [labelled[pick[i]][0][i] for i in range(len(items))]
     mismatched = {i for i, (a, g) in enumerate(zip(answers, gens))
@@ -199,6 +213,22 @@ def _fit_probe(model: Any, items: Sequence[EvalItem], folder: Path, *, k: int, s
     info = {"hook": pseudo["hook"], "counts": pseudo["counts"], "threshold": round(pseudo["threshold"], 4),
             "pseudo_oof_auroc": round(float(f.metrics["oof_auroc"]), 4), "label_source": pseudo["label_source"]}  # fmt: skip
     return load_probe(folder / "self_consistency.safetensors", model=model, device=model.embed.W_E.device), info
+
+
+def _fit_entity_slot(model: Any, folder: Path, options: dict[str, Any], *, seed: int) -> tuple[Any, dict[str, Any]]:
+    """The exemplar-free entity-contrast probe at the answer slot (`entity_contrast_labels`, ``position="slot"``),
+    fitted once (its names come from the model's own samples and from fabrication, not from the evaluated items)."""
+    opts = {"position": "slot", **options}
+    fits = fit_pseudo_probes(model, [], hooks=default_hooks(model), out_dir=folder, sources=("entity_contrast",),
+                             seed=seed, options={"entity_contrast": opts}, n_boot=0,
+                             model_name=getattr(model.cfg, "model_name", None))  # fmt: skip
+    f = fits["entity_slot"]
+    pseudo = f.training["pseudo"]
+    frames = pseudo["params"].get("answer_frames") or {}
+    info = {"hook": pseudo["hook"], "counts": pseudo["counts"], "threshold": round(pseudo["threshold"], 4),
+            "pseudo_oof_auroc": round(float(f.metrics["oof_auroc"]), 4), "label_source": pseudo["label_source"],
+            "frames": frames.get("frames")}  # fmt: skip
+    return load_probe(folder / "entity_slot.safetensors", model=model, device=model.embed.W_E.device), info
 
 
 # ---------------------------------------------------------------------------------------- ground-truth probe

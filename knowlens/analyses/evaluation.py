@@ -168,6 +168,8 @@ def evaluate_signals(
     max_new_tokens: int = 48,
     batch_size: int = 64,
     sample_batch_size: int = 128,
+    entity_slot: bool = True,
+    training_texts: Sequence[str] | None = None,
     log: Callable[[str], object] | None = None,
 ) -> Evaluation:
     """Score every signal on the answer-value tokens of ``items``' greedy answers (module docstring).
@@ -178,6 +180,10 @@ def evaluate_signals(
         sae: an SAE (`knowlens.saes.load_sae`) for the best-single-latent signal; None leaves it out.
         k: sampled answers per prompt for self-consistency (the signal, and the fitted probes' pseudo-labels).
         seed: entity halves, sampling, folds and bootstrap resamples.
+        entity_slot: without ``probes``, also fit the exemplar-free entity-contrast probe at the answer slot
+            (self-generated vs fabricated names, the world's biography questions as templates) and report it as the
+            signal ``probe:entity_slot``.
+        training_texts: what the model was trained on, to keep fabricated names out of it (None: unchecked).
         log: called with a line per stage (progress).
     Signals that cannot be measured (too few entities of a class, ...) are listed in ``Evaluation.skipped``.
     """
@@ -204,9 +210,16 @@ def evaluate_signals(
     mismatched: set[int] = set()
     label_details: dict[str, Any] = {}
     try:
+        slot_opts = None
+        if entity_slot:
+            from knowlens.saes.entity import organism_templates
+
+            slot_opts = {"templates": list(organism_templates(world)), "exclude_texts": training_texts,
+                         "template": organism_templates(world)[0]}  # fmt: skip
         found, mismatched, label_details = label_signals(model, answers, rows, probes=probes, halves=halves, fit=fit,
                                                          k=k, seed=seed, batch_size=batch_size,
-                                                         max_new_tokens=max_new_tokens, sae=sae, log=say)  # fmt: skip
+                                                         max_new_tokens=max_new_tokens, sae=sae,
+                                                         entity_slot=slot_opts, log=say)  # fmt: skip
         signals += found
     except KnowlensError as err:
         skipped["labels"] = str(err)

@@ -97,9 +97,11 @@ def run(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(f"[{time.time() - t0:5.0f}s] {line}", file=sys.stderr, flush=True)
 
+    from knowlens.saes.contrast import organism_training_texts
+
     ev = evaluate_signals(org.model, org.world, items, probes=probes or None, sae=sae, k=args.k, fit=args.fit,
                           seed=args.seed, n_boot=args.n_boot, folds=args.folds, max_new_tokens=args.max_new_tokens,
-                          log=log)  # fmt: skip
+                          training_texts=organism_training_texts(org), log=log)  # fmt: skip
     table = ev.to_markdown()
     print(table)
     if args.out is not None:

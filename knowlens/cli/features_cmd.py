@@ -38,8 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(command="features")
     e = verbs.add_parser(
         "entity-known", help="latents that fire for entities the model knows (or does not), without exemplars",
-        description="Encode the SAE at each entity's last name token and at the answer position (the prompt's "
-        "last token) for a known and an unknown set of entities; rank latents by the separation of their "
+        description="Encode the SAE at each entity's last name token, at the answer position (the prompt's "
+        "last token) and at the slot (the prompt continued by a frame of the model's own answers about the known "
+        "entities, up to where they first depend on the entity, e.g. '... A : {name} was born in') for a known "
+        "and an unknown set of entities; rank latents by the separation of their "
         "activation frequencies (minimum over entity types), after dropping latents active on more than "
         "--max-frequency of generic tokens; score each top latent's AUROC on held-out entities. Definitions: "
         "knowlens/saes/entity.py and contrast.py.",
@@ -52,8 +54,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--training-texts", type=Path, default=None,
                    help="texts the model was trained on (.txt/.jsonl), to check fabricated names against "
                    "(default: the organism's corpus; none for other models)")
-    e.add_argument("--hook-position", choices=["name", "answer", "both"], default="both",
-                   help="where to read the SAE: the entity's last name token, the prompt's last token, or both")
+    e.add_argument("--hook-position", choices=["name", "answer", "slot", "all"], default="all",
+                   help="where to read the SAE: the entity's last name token, the prompt's last token, the slot "
+                   "of the model's own answer frames, or all three (all: the slot is left out, with a note, when "
+                   "the answers share no frame)")
+    e.add_argument("--fact-template", default=None, metavar="T",
+                   help="prompt with {name} whose sampled continuations must repeat a fact for a name to count as "
+                   "known (exemplar-free; default: the first --template, else '{name}')")
     e.add_argument("--template", action="append", default=None, metavar="T",
                    help="prompt template with {name} (repeatable; default: the organism's biography questions, "
                    "else '{name}' and 'Q: Who is {name}? A:')")
@@ -162,7 +169,8 @@ def run_entity_known(args: argparse.Namespace) -> int:
     if texts is None and org is not None:
         texts = organism_training_texts(org)
     templates = args.template or (organism_templates(org.world) if org is not None else DEFAULT_TEMPLATES)
-    gen = {"n_samples": args.samples, "k": args.k, "threshold": args.threshold}
+    gen = {"n_samples": args.samples, "k": args.k, "threshold": args.threshold,
+           "template": args.fact_template or (templates[0] if args.template or org is not None else "{name}")}
     if known is None and unknown is None:
         contrast = exemplar_free_contrast(model, seed=args.seed, exclude_texts=texts, **gen)
         known, unknown = contrast.known, contrast.unknown
@@ -173,11 +181,22 @@ def run_entity_known(args: argparse.Namespace) -> int:
                                    lengths=[len(n.split()) for n in known.names], exclude_texts=texts,
                                    exclude_names=known.names)  # fmt: skip
     assert known is not None and unknown is not None
-    positions = ("name", "answer") if args.hook_position == "both" else (args.hook_position,)
+    positions: tuple[str, ...] = ("name", "answer", "slot") if args.hook_position == "all" else (args.hook_position,)
+    slots, frames = None, None
+    if "slot" in positions:
+        from knowlens.saes.frames import answer_frames
+
+        frames = answer_frames(model, known.names, templates)
+        slots = frames.slot_templates
+        if not slots and args.hook_position == "all":
+            print(f"note: the model's answers about the {len(known.names)} known entities share no frame that then "
+                  "depends on the entity; the slot position is left out")  # fmt: skip
+            positions = ("name", "answer")
     label = parse_sae_spec(args.sae).label
     found = locate_entity_known(model, sae, known, unknown, templates=templates, positions=positions,
                                 max_frequency=args.max_frequency, top=args.top, holdout=args.holdout,
-                                rank_by=args.rank_by, seed=args.seed, sae_label=label)  # fmt: skip
+                                rank_by=args.rank_by, seed=args.seed, sae_label=label,
+                                slot_templates=frames if slots else None)  # fmt: skip
     truth = compare_with_truth(model, sae, org.world, found) if org is not None else None
     if not any(len(fs) for fs in found.values()):
         raise KnowlensError(f"no latent is active on at most --max-frequency {args.max_frequency} of generic tokens")
@@ -217,15 +236,15 @@ def run_entity_known(args: argparse.Namespace) -> int:
 def _entity_report(model: Any, sae: Any, found: dict, truth: Any, path: Path) -> None:
     import torch
 
-    from knowlens.saes.entity import entity_activations
+    from knowlens.saes.entity import entity_activations, slot_templates_of
 
     first = next(iter(found.values()))
     c = first.contrast
     names = [*c["known"]["names"], *c["unknown"]["names"]]
     side = ["known"] * c["known"]["n"] + ["unknown"] * c["unknown"]["n"]
-    templates = first.params["templates"]
+    slots = slot_templates_of(found)
     every = sorted({j for fs in found.values() for j in fs.latents.tolist()})
-    acts = entity_activations(model, sae, names, templates=templates, latents=every)
+    acts = entity_activations(model, sae, names, templates=first.params["templates"], latents=every, slot_templates=slots)
     col = {j: i for i, j in enumerate(every)}
     parts = [_contrast_html(c)]
     for (pos, direction), fs in found.items():
@@ -235,6 +254,7 @@ def _entity_report(model: Any, sae: Any, found: dict, truth: Any, path: Path) ->
             kept = (fs.per_latent["generic_frequency"] <= fs.params["max_frequency"]) & torch.isfinite(score)
             parts.append(_histogram(score[kept].tolist(), f"s_{direction} of the kept latents", f"hist-{pos}-{direction}"))
         a = acts[pos]  # (entity, template, n)
+        templates = slots if pos == "slot" and slots else first.params["templates"]
         contexts = {}
         for j in fs.latents.tolist():
             flat = a[..., col[j]].flatten()

@@ -13,7 +13,8 @@ probes: --probe FILE (repeatable; files written by `knowlens probe export` or by
 first probe read at a token (position rule token or before_token) is the primary: p_reliable is its calibrated
 probability (--combine mean: the mean over every such probe); the others are reported as signals. An entity probe
 (position entity_last_token) gives the entity_known signal, carried from the last entity name's last token.
-Without --probe the probes shipped with the model are used (files probe-*.safetensors in the organism's folder);
+Without --probe the probes shipped with the model are used (files probe-*.safetensors in the organism's folder:
+the shipped organism's exemplar-free entity-slot probe, made by `knowlens organism fit-probes`);
 with none shipped, --fit-pseudo N fits an exemplar-free self-consistency probe first: N prompts (--fit-prompts
 FILE; else an organism's held-out questions, prompts only, never their answers; else prompts the model samples
 from BOS), k = --fit-k sampled answers each; a greedy answer span contained in >= 75% of the samples is
@@ -109,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
         probes = shipped_probes(args.model)
         if not probes:
             raise KnowlensError(f"no --probe given and no probes ship with model {args.model!r}: make one with "
-                                "`knowlens probe export`, or pass --fit-pseudo N to fit an exemplar-free "
-                                "self-consistency probe on N prompts first")  # fmt: skip
+                                "`knowlens probe export` (an organism: `knowlens organism fit-probes`), or pass "
+                                "--fit-pseudo N to fit an exemplar-free self-consistency probe on N prompts first")  # fmt: skip
     prompts = _prompts(args)
     fit_prompts = None
     if args.fit_prompts is not None and args.fit_pseudo is not None:

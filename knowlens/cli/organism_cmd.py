@@ -1,5 +1,5 @@
-"""`knowlens organism train|info|train-saes`: train an organism on a world spec; measure its behaviour gates;
-train its SAEs."""
+"""`knowlens organism train|info|train-saes|fit-probes`: train an organism on a world spec; measure its behaviour
+gates; train its SAEs; fit the exemplar-free probes `knowlens label` uses by default."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="The model organism: a small TransformerLens model trained on a synthetic world whose every "
         "fact is known (world spec format: knowlens/organism/WORLD_SPEC.md).",
     )
-    verbs = p.add_subparsers(dest="organism_verb", metavar="{train,info,train-saes}", required=True)
+    verbs = p.add_subparsers(dest="organism_verb", metavar="{train,info,train-saes,fit-probes}", required=True)
     p.set_defaults(command="organism")
     t = verbs.add_parser(
         "train",
@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "one fails, 2 on bad input.",
         epilog="example: knowlens organism info --json",
     )
-    i.add_argument("--model", default="organism", help="'organism' (shipped) or a folder from `organism train`")
+    _model_arg(i)
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the organism's operations "
                    "are small, and on a busy machine a second thread made info 10x slower, not faster)")
@@ -74,7 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="example: knowlens organism train-saes --hooks blocks.2.hook_resid_post --steps 1000 --out my_saes/",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    s.add_argument("--model", default="organism", help="'organism' (shipped) or a folder from `organism train`")
+    _model_arg(s)
     s.add_argument("--hooks", nargs="+", metavar="H", default=None,
                    help="hook points to train on (default: blocks.L.hook_resid_post of every layer)")
     s.add_argument("--out", default=None, help="folder for the SAEs, one sub-folder per hook (default with --model "
@@ -87,6 +87,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace SAEs already in --out for these hooks")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(run=run_train_saes, command="organism train-saes")
+    f = verbs.add_parser(
+        "fit-probes",
+        help="fit the exemplar-free entity-slot probe `knowlens label` uses by default and write it into the "
+        "organism's folder",
+        description="Fit, without exemplars, the probe `knowlens label` reads by default: the entity contrast at the "
+        "answer slot. Known names: those the organism writes facts about when sampled freely and whose sampled "
+        "answers to the world's first biography question repeat a fact that is not generic (a refusal is); "
+        "unknown names: as many fabricated from the same pieces, never in its training texts. Each name fills the "
+        "biography questions continued by the frames of the organism's own answers about the known names, up to "
+        "where they first depend on the entity (' {name} was born in'); the residual there, the position that "
+        "predicts the answer's first value, is a row. A logistic probe per resid_post hook (folds grouped by name, "
+        "L2 chosen inside them), the hook with the best out-of-fold AUROC on these pseudo-labels kept; applied "
+        "before every generated token. Nothing from the world's splits or the grader is read. Writes "
+        "probe-entity_slot.safetensors + .json (card) into the organism's folder, or --out.",
+        epilog="example: knowlens organism fit-probes --model my_organism/",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _model_arg(f)
+    f.add_argument("--out", default=None, help="folder to write the probe to (default: the organism's folder)")
+    f.add_argument("--samples", type=int, default=1024, help="free samples to find names in")
+    f.add_argument("--k", type=int, default=16, help="sampled answers per candidate name (consistency)")
+    f.add_argument("--seed", type=int, default=0, help="seed for sampling, fabrication and folds")
+    f.add_argument("--threads", type=int, default=1, help="torch threads")
+    f.add_argument("--overwrite", action="store_true", help="replace a probe already written there")
+    f.set_defaults(run=run_fit_probes, command="organism fit-probes")
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="organism", help="'organism' (shipped) or a folder from `organism train`")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -168,6 +197,56 @@ def run_train_saes(args: argparse.Namespace) -> int:
     print(f"target loss recovered >= {TARGET_LOSS_RECOVERED:.2f} at L0 <= {TARGET_MAX_L0}: "
           + ("met by every SAE" if not missed else f"NOT met by {', '.join(missed)}"))
     print(f"written to {out}/ (one sae-lens folder with metrics.json per hook)")
+    return 0
+
+
+def run_fit_probes(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from knowlens.errors import KnowlensError
+
+    for flag, value in (("--samples", args.samples), ("--k", args.k), ("--threads", args.threads)):
+        if value < 1:
+            raise KnowlensError(f"{flag} must be >= 1, got {value}")
+
+    import torch
+
+    from knowlens.organism.store import load_organism, organism_path
+    from knowlens.probes.pseudo import default_hooks, fit_pseudo_probes
+    from knowlens.saes.contrast import organism_training_texts
+    from knowlens.saes.entity import organism_templates
+
+    path = organism_path(args.model)
+    out = Path(args.out) if args.out is not None else Path(path)
+    names = ("probe-entity_slot.safetensors", "probe-entity_slot.json")
+    if out.is_file():
+        raise KnowlensError(f"--out {out}: is a file, not a folder")
+    if not args.overwrite and any((out / n).exists() for n in names):
+        raise KnowlensError(f"{out}/ already holds probe-entity_slot.*; pass --overwrite to replace it")
+    torch.set_num_threads(args.threads)
+    org = load_organism(path)
+    org.model.cfg.model_name = args.model
+    templates = list(organism_templates(org.world))
+    options = {"templates": templates, "template": templates[0], "position": "slot", "n_samples": args.samples,
+               "k": args.k, "exclude_texts": organism_training_texts(org)}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="knowlens-probes-") as tmp:
+        fits = fit_pseudo_probes(org.model, [], hooks=default_hooks(org.model), out_dir=tmp, sources=("entity_contrast",),
+                                 seed=args.seed, options={"entity_contrast": options}, n_boot=0,
+                                 model_name=args.model)  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        for suffix in (".safetensors", ".json"):  # each file lands whole (a temporary name, then a rename)
+            tmp_target = out / f".probe-entity_slot{suffix}.tmp"
+            shutil.copyfile(Path(tmp) / f"entity_slot{suffix}", tmp_target)
+            tmp_target.replace(out / f"probe-entity_slot{suffix}")
+    pseudo = fits["entity_slot"].training["pseudo"]
+    frames = (pseudo["params"].get("answer_frames") or {}).get("frames") or {}
+    print(f"entity-slot probe: {pseudo['counts']['label_1']} rows of known names, {pseudo['counts']['label_0']} of "
+          f"fabricated ones ({pseudo['counts']['groups']} names); frames {sorted({f for fs in frames.values() for f in fs})}")
+    print("out-of-fold AUROC on the pseudo-labels per hook: "
+          + ", ".join(f"{h} {v:.3f}" for h, v in pseudo["hook_oof_auroc"].items()) + f"; kept {pseudo['hook']}")  # fmt: skip
+    print(f"written to {out}/probe-entity_slot.safetensors (+ .json); `knowlens label` uses it by default")
     return 0
 
 

@@ -24,7 +24,8 @@ a probe fitted on a rare class still labels some tokens unreliable); with
 ``label_source`` naming how its labels were made.
 
 Probe names: ``self_consistency`` (target ``reliable``, position ``before_token``), ``own_text`` (``own``,
-``token``), ``entity_known`` (``known entity``, ``entity_last_token``). `sampled_prompts(model, n)`: prompts the
+``token``), ``entity_known`` (``known entity``, ``entity_last_token``); ``entity_slot`` (``known entity``,
+``before_token``) for the entity contrast with ``position="slot"``. `sampled_prompts(model, n)`: prompts the
 model writes itself (from BOS), for a model without a prompt set of its own; `default_hooks(model)`: the residual
 hooks a probe is chosen among by default.
 """
@@ -136,7 +137,7 @@ def fit_pseudo_probes(
                                options=(options or {}).get(source))  # fmt: skip
         if on_labels is not None:
             on_labels(labels)
-        name = PROBE_NAMES[source]
+        name = "entity_slot" if labels.params.get("position") == "slot" else PROBE_NAMES[source]
         fit, hook = _best_hook(labels, class_weight=class_weight, calibration=calibration, folds=folds, seed=seed,
                                n_boot=n_boot)  # fmt: skip
         if out_dir is not None:

@@ -26,7 +26,11 @@ hook, 0/1 labels, groups) ready for `fit_probe`; `knowlens.probes.pseudo.fit_pse
   facts about (known, 1) vs names fabricated from their pieces (unknown, 0) (`knowlens.saes.contrast`), each
   filled into every prompt template; the activation at the name's last token (``position="name"``: rule
   ``entity_last_token``) or at the prompt's last token (``"answer"``: rule ``prompt_last_token``), from the
-  prompt pass of `generate`; group: the name.
+  prompt pass of `generate`; group: the name. ``position="slot"``: the templates are first continued by the frames
+  of the model's own greedy answers about the known names (`knowlens.saes.frames.answer_frames`: up to where they
+  first depend on the entity, e.g. ``"... A : {name} was born in"``), and the activation at that slot, the
+  position that predicts the answer's first value, is the row; the probe is then applied before every token
+  (rule ``before_token``).
 """
 
 from __future__ import annotations
@@ -279,8 +283,8 @@ def entity_contrast_labels(
     from knowlens.saes.contrast import exemplar_free_contrast
     from knowlens.saes.entity import DEFAULT_TEMPLATES, entity_prompts
 
-    if position not in ("name", "answer"):
-        raise KnowlensError(f"position must be 'name' or 'answer', got {position!r}")
+    if position not in ("name", "answer", "slot"):
+        raise KnowlensError(f"position must be 'name', 'answer' or 'slot', got {position!r}")
     _check_count("batch_size", batch_size)
     names = _per_token_hooks(model, hooks)
     templates = tuple(DEFAULT_TEMPLATES if templates is None else templates)
@@ -289,8 +293,17 @@ def entity_contrast_labels(
     known, unknown = tuple(contrast.known.names), tuple(contrast.unknown.names)
     if len(known) < 2 or len(unknown) < 2:
         raise KnowlensError(f"entity contrast needs 2 or more names a side, got {len(known)} known, {len(unknown)} unknown")
+    frames = None
+    if position == "slot":
+        from knowlens.saes.frames import answer_frames
+
+        frames = answer_frames(model, known, templates, batch_size=batch_size)
+        if not frames.slot_templates:
+            raise KnowlensError(f"entity contrast at the slot: the model's answers about the {len(known)} known names "
+                                "share no frame that then depends on the entity")  # fmt: skip
+        templates = frames.slot_templates
     entities = [*known, *unknown]
-    token_rows, spans = entity_prompts(model, entities, templates)
+    token_rows, spans = entity_prompts(model, entities, templates, repeated=True)
     forced = _forced_activations(model, [torch.tensor(r, dtype=torch.long) for r in token_rows], names, batch_size)
     cols = [last if position == "name" else len(r) - 1 for r, (_first, last) in zip(token_rows, spans)]
     activations = {h: _stack([forced[s][h][c] for s, c in enumerate(cols)], forced, h) for h in names}
@@ -298,11 +311,14 @@ def entity_contrast_labels(
     labels = torch.tensor([e < len(known) for e in range(len(entities)) for _ in range(n_t)], dtype=torch.bool)
     meta = {"prompt": torch.arange(len(token_rows)), "index": torch.tensor(cols),
             "token": torch.tensor([r[c] for r, c in zip(token_rows, cols)])}  # fmt: skip
-    rule = "entity_last_token" if position == "name" else "prompt_last_token"
+    rule = {"name": "entity_last_token", "answer": "prompt_last_token", "slot": "before_token"}[position]
     params = {"templates": list(templates), "position": position, "seed": seed, "n_known": len(known),
-              "n_unknown": len(unknown), "contrast": contrast.to_dict()}  # fmt: skip
+              "n_unknown": len(unknown), "contrast": contrast.to_dict(),
+              "answer_frames": frames.to_dict() if frames is not None else None}  # fmt: skip
     source = (f"entity contrast: {len(known)} {contrast.known.method} names (known, 1) vs {len(unknown)} "
-              f"{contrast.unknown.method} names (0), {n_t} templates")  # fmt: skip
+              f"{contrast.unknown.method} names (0), {n_t} templates"
+              + (" at the answer slot (the position before the first value of the model's own answer frames; "
+                 "applied before every token)" if position == "slot" else ""))  # fmt: skip
     return PseudoLabels(
         source="entity_contrast", target="known entity", position=rule, label_source=source, activations=activations,
         labels=labels, groups=tuple(e for e in entities for _ in range(n_t)), meta=meta, params=params,

@@ -27,8 +27,13 @@ Public API (re-exports only):
   a ridge direction on the hook's activation predicting ``s_t`` (held-out R^2 and Pearson r, split by sequence)
 * `SurpriseResult`: ``save(path)`` / ``load(path, model=...)`` (safetensors + JSON card, checked against the model)
 * `input_surprisal(model, tokens) -> (batch, pos)`: ``-log p(x_t | x_<t)`` in nats, NaN at position 0
+* `answer_frames(model, names, templates) -> AnswerFrames` (``.frames``, ``.slot_templates``): where the model's
+  own greedy answers about ``names`` first depend on the entity (``" {name} was born in"``), found without labels;
+  the ``slot`` position of `locate_entity_known` reads the last token of a template followed by a frame
 * `locate_entity_known(model, sae, known, unknown, *, templates, positions=("name", "answer"), max_frequency=0.02,
-  top=10, holdout=0.5, rank_by="separation", ...) -> {(position, direction): FeatureSet}`: per latent the activation
+  top=10, holdout=0.5, rank_by="separation", slot_templates=None, ...) -> {(position, direction): FeatureSet}`
+  (``positions`` may add ``"slot"``; its templates are found with `answer_frames` from the known side unless
+  given): per latent the activation
   frequencies on known and unknown entities at the entity's last name token / the prompt's last token, separation
   scores (minimum over entity types), mean difference and Welch's t; the top latents for each direction after the
   generic-frequency filter, each with its AUROC on held-out entities (`knowlens.saes.entity`: definitions)
@@ -77,6 +82,7 @@ if TYPE_CHECKING:
     )
     from knowlens.saes.evaluate import SaeMetrics, sae_metrics
     from knowlens.saes.features import FeatureSet, latent_activations, top_contexts
+    from knowlens.saes.frames import AnswerFrames, answer_frames
     from knowlens.saes.surprise import SurpriseResult, input_surprisal, locate_surprise
 
 __all__ = [
@@ -94,6 +100,8 @@ __all__ = [
     "SurpriseResult",
     "input_surprisal",
     "locate_entity_known",
+    "answer_frames",
+    "AnswerFrames",
     "entity_activations",
     "organism_templates",
     "compare_with_truth",
@@ -121,6 +129,8 @@ _LAZY = {
     "SurpriseResult": "surprise",
     "input_surprisal": "surprise",
     "locate_entity_known": "entity",
+    "answer_frames": "frames",
+    "AnswerFrames": "frames",
     "entity_activations": "entity",
     "organism_templates": "entity",
     "compare_with_truth": "entity",

@@ -7,8 +7,12 @@ Definitions (nothing here reads a world's known/unknown splits):
   extractor (default `capitalised_names`) takes the names it writes from the decoded text. Each candidate name is
   then checked for consistency: ``k`` continuations of ``template`` filled with the name (default ``"{name}"``:
   BOS + the name's tokens), each cut to its first sentence (up to and including the first ``.``, ``!`` or ``?``
-  of the decoded continuation, whitespace normalised); its *consistency* is the fraction of the ``k`` that equal
-  the most frequent one. Names with consistency >= ``threshold`` are kept (the model repeats a fact about them).
+  of the decoded continuation, whitespace normalised); a first sentence *states something* when it has 2 or more
+  words (``\\w+``) besides the name's; its *consistency* is the fraction of the ``k`` that equal the most frequent
+  one that states something (0 when none does). Names with consistency >= ``threshold`` are kept (the model
+  repeats a fact about them), except *generic* ones: with the name written ``{name}``, that most frequent
+  sentence is the most frequent one of more than ``max(2, generic_share * n_candidates)`` candidate names (a
+  sentence the model says about many names, such as a refusal, is not a fact about this one).
   Over ``rounds`` rounds, names found in the consistency samples of one round are candidates of the next (the
   facts the model writes about one entity name others), most often seen first, up to ``max_candidates`` in all.
 * **Capitalised names** (`capitalised_names`): texts are split into words (``\\w+`` or a punctuation mark);
@@ -16,7 +20,7 @@ Definitions (nothing here reads a world's known/unknown splits):
   or more letters, and starts upper case. An *opener* is a capitalised word seen at the start of a sentence of
   the texts followed by a word that is not capitalised ("The birthplace", "By trade", "Tell me"): a function
   word, not a name piece. A name is a maximal run of capitalised words, leading openers dropped, of at least
-  ``min_words`` words (default 2).
+  ``min_words`` words (default 2) and at most ``max_words`` (default 4; longer runs are not names).
 * **Fabricated (unknown) names** (`fabricated_names`): ``n`` distinct names, each ``L`` distinct pieces (``L``
   drawn uniformly from the list ``lengths``: repeat a value to weight it) drawn at random (``seed``) from
   ``pieces`` and joined by spaces. A name that occurs in
@@ -129,6 +133,7 @@ def self_generated_entities(
     rounds: int = 3,
     max_candidates: int = 256,
     batch_size: int = 256,
+    generic_share: float = 0.1,
 ) -> EntitySet:
     """Names the model writes facts about and repeats consistently (module docstring), most consistent first;
     ``scores`` are their consistencies, ``rejected`` the candidates below ``threshold``."""
@@ -137,8 +142,9 @@ def self_generated_entities(
                         ("continuation_tokens", continuation_tokens)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KnowlensError(f"{name} must be an integer >= 1, got {value!r}")
-    if not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
-        raise KnowlensError(f"threshold must be in [0, 1], got {threshold!r}")
+    for what, share in (("threshold", threshold), ("generic_share", generic_share)):
+        if not (isinstance(share, (int, float)) and 0 <= share <= 1):
+            raise KnowlensError(f"{what} must be in [0, 1], got {share!r}")
     _check_template(template)
     extract = extract if extract is not None else capitalised_names
     rng = random.Random(seed)
@@ -151,6 +157,7 @@ def self_generated_entities(
         start = _tokens(model, prompt)
     texts = _sample(model, [start] * n_samples, max_new_tokens=max_new_tokens, rng=rng, batch_size=batch_size)
     consistency: dict[str, float] = {}
+    modal: dict[str, str] = {}  # each candidate's most frequent sentence that states something, name as {name}
     for _ in range(rounds):
         seen = Counter(extract(texts))  # every text so far: an extractor may learn from all of them (openers)
         room = max_candidates - len(consistency)
@@ -161,24 +168,34 @@ def self_generated_entities(
         rows = [_tokens(model, p) for p in prompts for _ in range(k)]
         outs = _sample(model, rows, max_new_tokens=continuation_tokens, rng=rng, batch_size=batch_size)
         for i, name in enumerate(todo):
-            firsts = [first_sentence(t) for t in outs[i * k : (i + 1) * k]]
-            consistency[name] = Counter(firsts).most_common(1)[0][1] / k
+            firsts = [f for t in outs[i * k : (i + 1) * k] if _states(f := first_sentence(t), name)]
+            top = Counter(firsts).most_common(1)
+            consistency[name] = top[0][1] / k if top else 0.0
+            if top:
+                modal[name] = top[0][0].replace(name, "{name}")
         texts += [f"{p} {t}" for p, t in zip((p for p in prompts for _ in range(k)), outs)]
-    kept = sorted((n for n, c in consistency.items() if c >= threshold), key=lambda n: (-consistency[n], n))
+    said = Counter(modal.values())
+    limit = max(2, generic_share * len(consistency))
+    generic = {n for n, c in consistency.items() if c >= threshold and n in modal and said[modal[n]] > limit}
+    kept = sorted((n for n, c in consistency.items() if c >= threshold and n not in generic),
+                  key=lambda n: (-consistency[n], n))  # fmt: skip
+    keep = set(kept)
     params = {"n_samples": n_samples, "k": k, "threshold": float(threshold), "seed": seed,
               "prompt": prompt if prompt is not None else "<bos>", "template": template,
               "max_new_tokens": max_new_tokens, "continuation_tokens": continuation_tokens, "rounds": rounds,
               "max_candidates": max_candidates, "temperature": 1.0, "n_candidates": len(consistency),
-              "extractor": getattr(extract, "__name__", repr(extract)),
-              "consistency": "share of k sampled continuations whose first sentence is the most frequent one"}  # fmt: skip
-    rejected = tuple(sorted((n for n in consistency if consistency[n] < threshold), key=lambda n: (-consistency[n], n)))
+              "extractor": getattr(extract, "__name__", repr(extract)), "generic_share": float(generic_share),
+              "n_generic": len(generic), "generic_sentences": sorted({modal[n] for n in generic}),
+              "consistency": "share of k sampled continuations whose first sentence is the most frequent one that "
+                             "states something (2+ words besides the name)"}  # fmt: skip
+    rejected = tuple(sorted((n for n in consistency if n not in keep), key=lambda n: (-consistency[n], n)))
     return EntitySet(names=tuple(kept), method="self-generated", params=params,
                      scores=tuple(consistency[n] for n in kept), rejected=rejected)  # fmt: skip
 
 
-def capitalised_names(texts: Sequence[str], *, min_words: int = 2) -> list[str]:
-    """Every name (maximal run of capitalised words, leading openers dropped, >= ``min_words`` words) in
-    ``texts``, once per occurrence (module docstring)."""
+def capitalised_names(texts: Sequence[str], *, min_words: int = 2, max_words: int = 4) -> list[str]:
+    """Every name (maximal run of capitalised words, leading openers dropped, ``min_words`` to ``max_words``
+    words) in ``texts``, once per occurrence (module docstring)."""
     sentences = [s for t in texts for s in _sentences(t)]
     openers = {s[0] for s in sentences if len(s) > 1 and _capitalised(s[0]) and not _capitalised(s[1])}
     names: list[str] = []
@@ -188,10 +205,15 @@ def capitalised_names(texts: Sequence[str], *, min_words: int = 2) -> list[str]:
             if _capitalised(w) and (run or w not in openers):
                 run.append(w)
                 continue
-            if len(run) >= min_words:
+            if min_words <= len(run) <= max_words:
                 names.append(" ".join(run))
             run = []
     return names
+
+
+def _states(sentence: str, name: str) -> bool:
+    """Whether ``sentence`` has 2 or more words besides those of ``name`` (module docstring)."""
+    return len(re.findall(r"\w+", sentence)) - len(re.findall(r"\w+", name)) * sentence.count(name) >= 2
 
 
 def first_sentence(text: str) -> str:
@@ -376,9 +398,11 @@ def _entity_set(path: Any, rows: list[tuple[str, str | None]], label: str) -> En
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _check_template(template: str) -> None:
-    if not isinstance(template, str) or template.count("{name}") != 1:
-        raise KnowlensError(f"a prompt template must contain {{name}} exactly once, got {template!r}")
+def _check_template(template: str, *, repeated: bool = False) -> None:
+    n = template.count("{name}") if isinstance(template, str) else 0
+    if not (n >= 1 if repeated else n == 1):
+        raise KnowlensError(f"a prompt template must contain {{name}} {'at least' if repeated else 'exactly'} once, "
+                            f"got {template!r}")  # fmt: skip
     try:
         template.format(name="x")
     except (IndexError, KeyError, ValueError) as err:

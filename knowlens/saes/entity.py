@@ -7,7 +7,11 @@ Definitions (after Ferrando et al. 2025; the contrast sets come from `knowlens.s
   template before ``{name}``) that are not shared with the tokens of ``prefix`` alone; the prompt's tokens must
   begin with those of ``prefix + name`` (else the name merges with what follows it: refused).
 * **Positions.** ``name``: the entity's last name token; ``answer``: the prompt's last token (where the model
-  starts to answer). One forward pass per prompt gives both.
+  starts to answer). One forward pass per prompt gives both. ``slot``: the last token of a *slot template*, a
+  template followed by a frame of the model's own answers (`knowlens.saes.frames`: e.g. ``"Q : Tell me about
+  {name} . A : {name} is a city in"``), where its answers first depend on the entity; the frames are found from
+  the known side's answers (``slot_templates=`` gives them instead: the templates, or an `AnswerFrames`), and each entity is encoded on every slot
+  template.
 * **Per entity.** ``a_e[j]``: latent ``j``'s activation averaged over the templates; ``on_e[j]``: the share of
   templates on which it is active (> 0). Entities, not prompts, are the units of every statistic below.
 * **Split.** Within each side (and type) the entities are shuffled (``seed``) and ``floor(holdout * n)`` of the
@@ -52,14 +56,17 @@ from knowlens.saes.activations import (
 )
 from knowlens.saes.contrast import Contrast, EntitySet, _check_template
 from knowlens.saes.features import FeatureSet
+from knowlens.saes.frames import AnswerFrames
 from knowlens.saes.stats import auroc, welch_t
 from knowlens.types import Bool, Float, Int, Tensor
 
-POSITIONS = ("name", "answer")
+POSITIONS = ("name", "answer", "slot")
 DIRECTIONS = ("known", "unknown")
 RANK_BY = ("separation", "welch_t", "mean_diff")
 DEFAULT_TEMPLATES = ("{name}", "Q: Who is {name}? A:")
-POSITION_RULES = {"name": "the entity's last name token", "answer": "the prompt's last token"}
+POSITION_RULES = {"name": "the entity's last name token", "answer": "the prompt's last token",
+                  "slot": "the last token of the prompt followed by a frame of the model's own answers, where they "
+                          "first depend on the entity (knowlens.saes.frames)"}  # fmt: skip
 EntitiesArg = EntitySet | Sequence[str] | Sequence[tuple[str, str]]
 
 
@@ -85,7 +92,7 @@ def locate_entity_known(
     unknown: EntitiesArg,
     *,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
-    positions: Sequence[str] = POSITIONS,
+    positions: Sequence[str] = ("name", "answer"),
     max_frequency: float | int = 0.02,
     generic_tokens: Int[Tensor, "gbatch gpos"] | None = None,
     generic_mask: Bool[Tensor, "gbatch gpos"] | None = None,
@@ -95,6 +102,7 @@ def locate_entity_known(
     seed: int = 0,
     batch_size: int = 64,
     sae_label: str | None = None,
+    slot_templates: Sequence[str] | AnswerFrames | None = None,
 ) -> dict[tuple[str, str], FeatureSet]:
     """Latents of ``sae`` that fire for known (or for unknown) entities, one `FeatureSet` per (position,
     direction) (module docstring: exact definitions). ``known``/``unknown``: `EntitySet` s, names, or (name,
@@ -126,7 +134,23 @@ def locate_entity_known(
     is_known = torch.tensor([True] * len(contrast.known.names) + [False] * len(contrast.unknown.names))
     typed = bool(contrast.known.types) and bool(contrast.unknown.types)
     types: list[str | None] = [*contrast.known.types, *contrast.unknown.types] if typed else [None] * len(names)
-    enc = _encode_entities(model, sae, names, templates, batch_size=batch_size)
+    frames: AnswerFrames | None = None
+    slots: Sequence[str] | None = None
+    if isinstance(slot_templates, AnswerFrames):
+        frames, slots = slot_templates, slot_templates.slot_templates
+    else:
+        slots = slot_templates
+    if "slot" in positions and slots is None:
+        from knowlens.saes.frames import answer_frames
+
+        frames = answer_frames(model, contrast.known.names, templates, batch_size=batch_size)
+        slots = frames.slot_templates
+    if "slot" in positions:
+        if not slots:
+            raise KnowlensError(f"no answer frame found: the model's answers about the {len(contrast.known.names)} known "
+                                "entities share no prefix that then depends on the entity; leave out the slot position")  # fmt: skip
+    enc = _encode_entities(model, sae, names, templates, batch_size=batch_size,
+                           slot_templates=slots if "slot" in positions else None)  # fmt: skip
     if generic_tokens is not None:
         device = next(iter(model.parameters())).device
         gtok, gvalid = checked_tokens(generic_tokens, generic_mask, device, what="generic_tokens")
@@ -168,7 +192,9 @@ def locate_entity_known(
                         "n_pick": {"known": int((pick & is_known).sum()), "unknown": int((pick & ~is_known).sum())},
                         "heldout": {s: [n for n, h, k in zip(names, held.tolist(), is_known.tolist())
                                         if h and k == (s == "known")] for s in DIRECTIONS},
-                        "sae_architecture": architecture(sae), "d_sae": int(sae.cfg.d_sae)},
+                        "sae_architecture": architecture(sae), "d_sae": int(sae.cfg.d_sae),
+                        "slot_templates": list(slots) if pos == "slot" and slots else None,
+                        "answer_frames": frames.to_dict() if pos == "slot" and frames is not None else None},
             )  # fmt: skip
     return out
 
@@ -182,22 +208,27 @@ def entity_activations(
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     latents: Sequence[int] | Tensor | None = None,
     batch_size: int = 64,
+    slot_templates: Sequence[str] | None = None,
 ) -> dict[str, Float[Tensor, "entity template n"]]:
-    """Per position (``name``, ``answer``) the activations of ``latents`` (default all) for every name and
-    template, float32 on the CPU. Leaves no hook on the model."""
-    enc = _encode_entities(model, sae, list(names), templates, batch_size=batch_size)
+    """Per position (``name``, ``answer``; ``slot`` with ``slot_templates``, one per slot template) the
+    activations of ``latents`` (default all) for every name and template, float32 on the CPU. Leaves no hook on
+    the model."""
+    enc = _encode_entities(model, sae, list(names), templates, batch_size=batch_size, slot_templates=slot_templates)
     if latents is None:
         return enc.acts
     idx = torch.as_tensor(latents, dtype=torch.long)
     return {p: a[..., idx] for p, a in enc.acts.items()}
 
 
-def entity_prompts(model: Any, names: Sequence[str], templates: Sequence[str]) -> tuple[list[list[int]], list[tuple[int, int]]]:
-    """Token ids of every (name, template) prompt, name-major, and each one's name span ``(first, last)``."""
+def entity_prompts(
+    model: Any, names: Sequence[str], templates: Sequence[str], *, repeated: bool = False
+) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Token ids of every (name, template) prompt, name-major, and each one's name span ``(first, last)`` (of
+    the first ``{name}``; ``repeated``: templates may hold it more than once, as slot templates do)."""
     if not templates:
         raise KnowlensError("no prompt templates given")
     for t in templates:
-        _check_template(t)
+        _check_template(t, repeated=repeated)
     if getattr(model, "tokenizer", None) is None:
         raise KnowlensError("locating entity latents needs a model with a tokenizer")
 
@@ -219,7 +250,10 @@ def entity_prompts(model: Any, names: Sequence[str], templates: Sequence[str]) -
     return rows, spans
 
 
-def _encode_entities(model: Any, sae: Any, names: list[str], templates: Sequence[str], *, batch_size: int) -> _Encoded:
+def _encode_entities(
+    model: Any, sae: Any, names: list[str], templates: Sequence[str], *, batch_size: int,
+    slot_templates: Sequence[str] | None = None,
+) -> _Encoded:
     from knowlens.capture.hooks import stop_layer_for
     from knowlens.capture.prompts import pad_token_id
 
@@ -234,7 +268,7 @@ def _encode_entities(model: Any, sae: Any, names: list[str], templates: Sequence
     def capture(act: Tensor, hook: Any) -> None:
         seen["act"] = act.detach()
 
-    acts = {p: torch.zeros(len(rows), d_sae) for p in POSITIONS}
+    acts = {p: torch.zeros(len(rows), d_sae) for p in ("name", "answer")}
     counts = torch.zeros(d_sae, dtype=torch.long)
     n_generic = 0
     pad = pad_token_id(model)
@@ -260,7 +294,39 @@ def _encode_entities(model: Any, sae: Any, names: list[str], templates: Sequence
             counts += (feats[generic] > 0).sum(0)
             n_generic += int(generic.sum())
     n_t = len(templates)
-    return _Encoded({p: a.reshape(len(names), n_t, d_sae) for p, a in acts.items()}, counts, n_generic)
+    out = {p: a.reshape(len(names), n_t, d_sae) for p, a in acts.items() if p != "slot"}
+    if slot_templates:
+        out["slot"] = _encode_last(model, sae, names, slot_templates, batch_size=batch_size)
+    return _Encoded(out, counts, n_generic)
+
+
+def _encode_last(model: Any, sae: Any, names: list[str], templates: Sequence[str], *, batch_size: int) -> Tensor:
+    """SAE latents at the last token of every (name, template) prompt: (entity, template, d_sae)."""
+    from knowlens.capture.hooks import stop_layer_for
+    from knowlens.capture.prompts import pad_token_id
+
+    rows, _spans = entity_prompts(model, names, templates, repeated=True)
+    hook = sae.cfg.metadata.hook_name
+    device = next(iter(model.parameters())).device
+    seen: dict[str, Tensor] = {}
+
+    def capture(act: Tensor, hook: Any) -> None:
+        seen["act"] = act.detach()
+
+    out = torch.zeros(len(rows), int(sae.cfg.d_sae))
+    pad = pad_token_id(model)
+    with model.hooks(fwd_hooks=[(hook, capture)]):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            toks = torch.full((len(chunk), max(len(r) for r in chunk)), pad, dtype=torch.long)
+            for i, r in enumerate(chunk):  # right padding: causal attention leaves the real tokens exact
+                toks[i, : len(r)] = torch.tensor(r)
+            seen.clear()
+            model(toks.to(device), stop_at_layer=stop_layer_for(model, [hook]))
+            lasts = torch.tensor([len(r) - 1 for r in chunk], device=seen["act"].device)
+            last_acts = seen["act"][torch.arange(len(chunk), device=lasts.device), lasts]
+            out[start : start + len(chunk)] = encode_latents(sae, last_acts[:, None])[:, 0].float().cpu()
+    return out.reshape(len(names), len(templates), -1)
 
 
 def _as_set(entities: EntitiesArg, side: str) -> EntitySet:
@@ -343,13 +409,14 @@ def compare_with_truth(
     truth's held-out entities that ``found``'s contrast sets did not use (both lists scored on the same ones)."""
     first = next(iter(found.values()))
     p = first.params
+    slots = slot_templates_of(found)
     sides = [world.of(split=s) for s in DIRECTIONS]
     truth_sets = [EntitySet(names=tuple(e.name for e in es), types=tuple(e.type for e in es), method="world splits",
                             params={"split": s}) for es, s in zip(sides, DIRECTIONS)]  # fmt: skip
     truth = locate_entity_known(
         model, sae, *truth_sets, templates=p["templates"], positions=sorted({k[0] for k in found}, key=POSITIONS.index),
         max_frequency=p["max_frequency"], top=p["top"], holdout=max(p["holdout"], 0.5), rank_by=p["rank_by"],
-        seed=p["seed"], batch_size=batch_size, sae_label=first.sae_label,
+        seed=p["seed"], batch_size=batch_size, sae_label=first.sae_label, slot_templates=slots,
     )  # fmt: skip
     used = {n for side in DIRECTIONS for n in first.contrast[side]["names"]}
     held = next(iter(truth.values())).params["heldout"]
@@ -357,7 +424,8 @@ def compare_with_truth(
     names = evals["known"] + evals["unknown"]
     is_known = torch.tensor([True] * len(evals["known"]) + [False] * len(evals["unknown"]))
     every = sorted({int(j) for fs in (*found.values(), *truth.values()) for j in fs.latents.tolist()})
-    acts = entity_activations(model, sae, names, templates=p["templates"], latents=every, batch_size=batch_size)
+    acts = entity_activations(model, sae, names, templates=p["templates"], latents=every, batch_size=batch_size,
+                              slot_templates=slots)  # fmt: skip
     col = {j: i for i, j in enumerate(every)}
     by: dict[str, Any] = {}
     for (pos, direction), fs in found.items():
@@ -379,6 +447,11 @@ def compare_with_truth(
                "n_eval_excluded": sum(len(held[s]) - len(evals[s]) for s in DIRECTIONS),
                "eval": "the truth's held-out entities not in the exemplar-free sets", "by": by}  # fmt: skip
     return TruthComparison(figures=figures, truth=truth)
+
+
+def slot_templates_of(found: dict[tuple[str, str], FeatureSet]) -> list[str] | None:
+    """The slot templates a `locate_entity_known` result was measured on (None without the slot position)."""
+    return next((fs.params["slot_templates"] for fs in found.values() if fs.params.get("slot_templates")), None)
 
 
 def _none(v: float) -> float | None:

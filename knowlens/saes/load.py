@@ -132,7 +132,30 @@ def load_sae(
         assert parsed.path is not None
         sae = _load_folder(parsed.path, device=target)
     check_sae(sae, model, label=parsed.label)
+    if parsed.path is not None:
+        check_trained_on(parsed.path, model, label=parsed.label)
     return sae.eval()
+
+
+def check_trained_on(folder: str | os.PathLike[str], model: Any, *, label: str = "") -> None:
+    """Refuse an SAE folder whose ``metrics.json`` (written by `train_organism_saes`) names another model's weights
+    fingerprint than ``model``'s; a folder without one (any other sae-lens folder) passes."""
+    from knowlens.fingerprint import weights_fingerprint
+
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        return
+    name = f"SAE {label}" if label else f"SAE {folder}"
+    try:
+        trained_on = json.loads(path.read_text(encoding="utf-8")).get("model_fingerprint")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise KnowlensError(f"{name}: {path} is not a JSON object (truncated or corrupt?)") from None
+    if trained_on is None:
+        return
+    mine = weights_fingerprint(model)
+    if trained_on != mine:
+        raise KnowlensError(f"{name} was trained on the model with weights fingerprint {trained_on}; this model's is "
+                            f"{mine} ({getattr(model.cfg, 'model_name', '?')})")  # fmt: skip
 
 
 def check_sae(sae: SAE[Any], model: Any, *, label: str = "") -> None:

@@ -44,10 +44,17 @@ def test_entity_known_exemplar_free(organism, sae_dir, tmp_path, capsys):
     assert main(["features", "entity-known", "--sae", str(sae_dir), "--out", str(out), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "entity-known at name" in printed and "entity-unknown at answer" in printed
+    assert "entity-known at slot" in printed  # v2 answers "X was born in ...": a frame is found
     assert "ground truth" in printed and "overlap" in printed
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted([*(f"entity_known.{p}.{d}.{x}" for p in ("name", "answer") for d in ("known", "unknown")
-                              for x in ("json", "safetensors")), "report.html", "truth.json"])  # fmt: skip
+    assert files == sorted([*(f"entity_known.{p}.{d}.{x}" for p in ("name", "answer", "slot")
+                              for d in ("known", "unknown") for x in ("json", "safetensors")),
+                            "report.html", "truth.json"])  # fmt: skip
+    slot = FeatureSet.load(out / "entity_known.slot.unknown.safetensors", model=organism.model)
+    templates = slot.params["slot_templates"]
+    assert templates and all(t.count("{name}") == 2 for t in templates)
+    assert all(any(t.startswith(base + " {name} ") for base in slot.params["templates"]) for t in templates)
+    assert slot.params["answer_frames"]["params"]["n_names"] == slot.contrast["known"]["n"]
     fs = FeatureSet.load(out / "entity_known.name.known.safetensors", model=organism.model)
     assert len(fs) == 5 and fs.hook == HOOK and fs.sae_label == str(sae_dir) and fs.model["name"] == "organism"
     known, unknown = fs.contrast["known"], fs.contrast["unknown"]
@@ -58,7 +65,7 @@ def test_entity_known_exemplar_free(organism, sae_dir, tmp_path, capsys):
     assert all(f" {n} " in trained for n in unknown["rejected"])
     assert fs.params["templates"] == ["Q : Tell me about {name} . A :", "Q : Who or what is {name} ? A :"]
     truth = json.loads((out / "truth.json").read_text())
-    assert set(truth["by"]) == {"name/known", "name/unknown", "answer/known", "answer/unknown"}
+    assert set(truth["by"]) == {f"{p}/{d}" for p in ("name", "answer", "slot") for d in ("known", "unknown")}
     row = truth["by"]["name/known"]
     assert row["free_top"] == fs.latents.tolist() and len(row["truth_top"]) == 5
     assert row["overlap"] == len(set(row["free_top"]) & set(row["truth_top"]))

@@ -206,3 +206,31 @@ def test_explain_bad_input_is_one_line(word_model, loads, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and match in err, (argv, err)
     assert not out.exists()
+
+
+def test_the_shipped_entity_slot_probe_is_the_default(tmp_path, capsys):
+    """Without --probe the shipped organism's exemplar-free probe labels the tokens; `organism fit-probes` rebuilds
+    it (into --out) from the model alone and refuses to overwrite it."""
+    from knowlens.organism.store import SHIPPED
+    from knowlens.probes import load_probe
+
+    out = tmp_path / "labels.jsonl"
+    assert main(["label", "--prompt", "Q : Tell me about Mor Tav . A :", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "primary probe entity_slot on" in printed.out + printed.err
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(t["p_reliable"] == pytest.approx(t["signals"]["probe:entity_slot"]) for t in rec["tokens"])  # primary
+    shipped = json.loads((SHIPPED / "probe-entity_slot.json").read_text())
+    assert shipped["position"] == "before_token" and shipped["target"] == "known entity"
+    assert "at the answer slot" in shipped["label_source"] and "self-generated" in shipped["label_source"]
+
+    folder = tmp_path / "probes"
+    assert main(["organism", "fit-probes", "--out", str(folder), "--samples", "256", "--k", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "kept blocks." in printed and "{name} was born in" in printed
+    probe = load_probe(folder / "probe-entity_slot.safetensors")
+    assert probe.position == "before_token" and probe.card["model"]["fingerprint"] == shipped["model"]["fingerprint"]
+    assert sorted(p.name for p in folder.iterdir()) == ["probe-entity_slot.json", "probe-entity_slot.safetensors"]
+    assert main(["organism", "fit-probes", "--out", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds probe-entity_slot" in err[0]

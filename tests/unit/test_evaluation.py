@@ -162,7 +162,9 @@ def small_eval(organism):
 def test_small_evaluation_table_is_well_formed(small_eval, tmp_path):
     ev, items, lines = small_eval
     names = [s.name for s in ev.signals]
-    assert names == ["labels", "ground_truth_probe", "sae_latent", "top1_prob", "entropy", "self_consistency"]
+    assert names == ["labels", "probe:entity_slot", "ground_truth_probe", "sae_latent", "top1_prob", "entropy",
+                     "self_consistency"]
+    assert ev.params["labels"]["entity_slot"]["frames"]  # the exemplar-free entity probe at the answer slot
     assert ev.skipped == {} and lines  # every signal measured, progress reported
     md = ev.to_markdown()
     table = [line for line in md.splitlines() if line.startswith("| ")]

@@ -29,6 +29,8 @@ from knowlens.errors import HookNameError, KnowlensError
 from knowlens.saes import SaeSpec, load_sae, parse_sae_spec
 from tests.helpers import build_model
 
+HOOK_ORG = "blocks.3.hook_resid_post"
+
 ARCHS: dict[str, tuple[Any, Any, dict[str, Any]]] = {
     "standard": (StandardSAE, StandardSAEConfig, {}),
     "topk": (TopKSAE, TopKSAEConfig, {"k": 8}),
@@ -303,6 +305,38 @@ def test_organism_sae_loads_from_its_folder_and_names_the_shipped_ones(model, tm
     assert isinstance(load_sae(f"organism:{HOOK}", model), TopKSAE)
     with pytest.raises(KnowlensError, match=f"no organism SAE for that hook; shipped: {HOOK}"):
         load_sae("organism:blocks.0.hook_resid_post", model)
+
+
+def test_the_shipped_organism_saes_load_and_refuse_another_model(tmp_path):
+    import shutil
+
+    from knowlens.organism.store import load_organism
+    from knowlens.saes.activations import encode_latents
+
+    org = load_organism()
+    for layer in range(org.model.cfg.n_layers):
+        hook = f"blocks.{layer}.hook_resid_post"
+        sae = load_sae(f"organism:{hook}", org.model)
+        metrics = json.loads((load_mod.ORGANISM_SAES / hook / "metrics.json").read_text())
+        assert sae.cfg.metadata.hook_name == hook and metrics["model_fingerprint"] == org.info["fingerprint"]
+        assert metrics["eval"]["loss_recovered"] >= 0.9 and metrics["eval"]["l0"] <= 32  # issue 8's target
+    # a model with other weights (same shapes) is refused by the fingerprint its SAEs were trained on
+    other = load_organism()
+    with torch.no_grad():
+        other.model.blocks[0].mlp.W_in[0, 0] += 1.0
+    with pytest.raises(KnowlensError, match=r"trained on the model with weights fingerprint \w{16}; this model's is"):
+        load_sae(f"organism:{HOOK_ORG}", other.model)
+    # a folder copy refuses the same way; a corrupt metrics.json is one line; without one the folder loads
+    folder = tmp_path / "copy"
+    shutil.copytree(load_mod.ORGANISM_SAES / HOOK_ORG, folder)
+    with pytest.raises(KnowlensError, match="weights fingerprint"):
+        load_sae(folder, other.model)
+    (folder / "metrics.json").write_text('{"model_fingerprint": ')
+    with pytest.raises(KnowlensError, match="metrics.json is not a JSON object"):
+        load_sae(folder, org.model)
+    (folder / "metrics.json").unlink()
+    sae = load_sae(folder, other.model)
+    assert encode_latents(sae, torch.randn(1, 3, 128)).shape == (1, 3, sae.cfg.d_sae)
 
 
 # ---------------------------------------------------------------------------------------------- releases
