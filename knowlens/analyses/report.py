@@ -31,7 +31,33 @@ STYLE = (
 MEDIAN_MAX_DECIMALS = 7  # float32 resolution near 1 (1 - 2**-23 = 0.99999988)
 
 
-def answer_record(a: Answer) -> dict[str, Any]:
+def token_reliability(answers: Sequence[Answer], probe: Any) -> list[list[float]]:
+    """Per answer, ``p_reliable`` of each generated token: ``probe`` (a `knowlens.probes.LoadedProbe` whose position
+    rule is ``before_token``) on the activation at the position that predicted the token, from `answer_items`'s
+    captured activations (answered with ``hooks=(probe.hook,)``): the same figure `label_generation` computes."""
+    from knowlens.errors import KnowlensError
+
+    if probe.position != "before_token":
+        raise KnowlensError(f"probe {probe.name} reads position {probe.position!r}; token_reliability reads before_token")
+    out = []
+    for a in answers:
+        if a.activations is None or probe.hook not in a.activations or a.prompt_tokens is None:
+            raise KnowlensError(f"answers were not captured at {probe.hook}: answer_items(..., hooks=({probe.hook!r},))")
+        n = len(a.prompt_tokens)
+        rows = a.activations[probe.hook][n - 1 : n - 1 + len(a.tokens)]
+        out.append([round(float(p), 5) for p in probe.score(rows)])
+    return out
+
+
+def answer_record(a: Answer, reliability: Sequence[float] | None = None, threshold: float = 0.5) -> dict[str, Any]:
+    tokens = [
+        {"text": t, "class": c, "logprob": round(lp, 5) + 0.0, "entropy": round(h, 5) + 0.0, "top1_prob": round(p, 5)}
+        for t, c, lp, h, p in zip(a.tokens, a.grade.classes, a.logprob, a.entropy, a.top1)
+    ]
+    if reliability is not None:
+        for t, r in zip(tokens, reliability):
+            t["p_reliable"] = r
+            t["label"] = "reliable" if r >= threshold else "unreliable"
     return {
         "prompt": a.item.prompt,
         "entity": a.item.entity,
@@ -42,22 +68,26 @@ def answer_record(a: Answer) -> dict[str, Any]:
         "withheld": a.item.withheld,
         "generated": a.text,
         "verdict": a.grade.verdict,
-        "tokens": [
-            {"text": t, "class": c, "logprob": round(lp, 5) + 0.0, "entropy": round(h, 5) + 0.0, "top1_prob": round(p, 5)}
-            for t, c, lp, h, p in zip(a.tokens, a.grade.classes, a.logprob, a.entropy, a.top1)
-        ],
+        "tokens": tokens,
     }
 
 
-def write_labels(answers: Sequence[Answer], path: str | Path, *, model: dict[str, str] | None = None) -> Path:
-    """One JSON record per answer (docs/formats.md); ``model`` (name and fingerprints) goes into each record."""
+def write_labels(
+    answers: Sequence[Answer], path: str | Path, *, model: dict[str, str] | None = None,
+    reliability: Sequence[Sequence[float]] | None = None, threshold: float = 0.5,
+) -> Path:  # fmt: skip
+    """One JSON record per answer (docs/formats.md); ``model`` (name and fingerprints) goes into each record;
+    ``reliability`` (per answer, `token_reliability`) adds ``p_reliable`` and ``label`` (by ``threshold``) per token."""
     extra = {"model": model} if model is not None else {}
-    return atomic_write_text(Path(path), "".join(json.dumps({**answer_record(a), **extra}) + "\n" for a in answers))
+    rel: Sequence[Sequence[float] | None] = reliability if reliability is not None else [None] * len(answers)
+    return atomic_write_text(Path(path), "".join(json.dumps({**answer_record(a, r, threshold), **extra}) + "\n"
+                                                  for a, r in zip(answers, rel)))  # fmt: skip
 
 
 def write_report(
-    answers: Sequence[Answer], path: str | Path, *, title: str = "knowlens demo", model: dict[str, str] | None = None
-) -> Path:
+    answers: Sequence[Answer], path: str | Path, *, title: str = "knowlens demo", model: dict[str, str] | None = None,
+    reliability: Sequence[Sequence[float]] | None = None, probe_name: str = "",
+) -> Path:  # fmt: skip
     """One self-contained HTML file (plotly.js inlined; it fetches nothing: no CDN, MathJax, fonts or map
     tiles): answers as rows of tokens, coloured by top-1 probability (continuous colour bar) and by grader
     class (categorical legend of swatches); hovering a token shows its class, log-probability, entropy and
@@ -71,16 +101,18 @@ def write_report(
     text = [[*map(html.escape, a.tokens), *[""] * (width - len(a.tokens))] for a in rows]
     top1 = [[*a.top1, *[None] * (width - len(a.tokens))] for a in rows]
     cls = [[CLASS_CODES[c] for c in a.grade.classes] + [None] * (width - len(a.tokens)) for a in rows]
+    rel = [list(r) for r in reliability] if reliability is not None else None
     custom = [
         [
-            [a.grade.classes[i], f"{a.logprob[i]:.3f}", f"{a.entropy[i]:.3f}", f"{a.top1[i]:.3f}"]
+            [a.grade.classes[i], f"{a.logprob[i]:.3f}", f"{a.entropy[i]:.3f}", f"{a.top1[i]:.3f}",
+             f"{rel[r][i]:.3f}" if rel is not None else "n/a"]
             if i < len(a.tokens)
-            else ["", "", "", ""]
+            else ["", "", "", "", ""]
             for i in range(width)
         ]
-        for a in rows
-    ]
-    hover = "<b>%{text}</b><br>class: %{customdata[0]}<br>log p: %{customdata[1]}<br>entropy: %{customdata[2]}<br>top-1 p: %{customdata[3]}<extra>%{y}</extra>"
+        for r, a in enumerate(rows)
+    ]  # fmt: skip
+    hover = "<b>%{text}</b><br>class: %{customdata[0]}<br>log p: %{customdata[1]}<br>entropy: %{customdata[2]}<br>top-1 p: %{customdata[3]}<br>p_reliable: %{customdata[4]}<extra>%{y}</extra>"
     height = 120 + 22 * len(rows)
 
     def grid(z, colorscale, zmin, zmax, colorbar, div_id) -> str:
@@ -113,6 +145,13 @@ def write_report(
             else []
         ),
         f"<pre>{html.escape(summary_text(rows))}</pre>",
+        *(
+            [f"<h2>Tokens coloured by p_reliable (knowlens labels, probe {html.escape(probe_name)})</h2>",
+             grid([[*r, *[None] * (width - len(r))] for r in rel], "RdYlGn", 0.0, 1.0, {"title": "p_reliable"},
+                  "p-reliable-heatmap")]
+            if rel is not None
+            else []
+        ),
         "<h2>Tokens coloured by top-1 probability (stated confidence)</h2>",
         grid(top1, "RdYlGn", 0.0, 1.0, {"title": "top-1 p"}, "top1-heatmap"),
         "<h2>Tokens coloured by ground truth (grader class)</h2>",
@@ -159,6 +198,28 @@ def summary_text(answers: Sequence[Answer]) -> str:
         "median top-1 probability by class: " + ", ".join(f"{k} {v:.{d}f}" for k, v in medians.items())
     )
     return "\n".join(lines)
+
+
+def labels_text(answers: Sequence[Answer], reliability: Sequence[Sequence[float]], threshold: float, name: str) -> str:
+    """One line: how many tokens the labels flag, and how p_reliable and top-1 probability separate the grader's
+    hallucinated tokens from its correct ones (AUROC, pooled over these answers)."""
+    import torch
+
+    from knowlens.probes import auroc
+
+    flagged = sum(r < threshold for rel in reliability for r in rel)
+    total = sum(len(rel) for rel in reliability)
+    pairs = [(r, p, c == "hallucinated") for a, rel in zip(answers, reliability)
+             for r, p, c in zip(rel, a.top1, a.grade.classes) if c in ("correct", "hallucinated")]  # fmt: skip
+    line = f"labels (probe {name}, unreliable below p_reliable {threshold:.3f}): {flagged} of {total} tokens unreliable"
+    n_hal = sum(h for _, _, h in pairs)
+    if 0 < n_hal < len(pairs):
+        y = torch.tensor([h for _, _, h in pairs])
+        rel_auc = auroc(-torch.tensor([r for r, _, _ in pairs], dtype=torch.float64), y)
+        top_auc = auroc(-torch.tensor([p for _, p, _ in pairs], dtype=torch.float64), y)
+        line += (f"; hallucinated vs correct tokens ({n_hal} / {len(pairs) - n_hal}): AUROC of p_reliable "
+                 f"{rel_auc:.3f}, of top-1 probability {top_auc:.3f}")  # fmt: skip
+    return line
 
 
 def _decimals(values: Sequence[float], lo: int = 2, hi: int = MEDIAN_MAX_DECIMALS) -> int:

@@ -13,8 +13,13 @@ from knowlens.organism.store import SHIPPED
 
 def test_shipped_files_are_small_and_safe():
     files = sorted(p.name for p in SHIPPED.iterdir() if not p.name.startswith("."))
-    assert files == ["config.json", "model.safetensors", "tokenizer.json", "world.yaml"]
-    assert sum(p.stat().st_size for p in SHIPPED.iterdir()) <= 20 * 2**20
+    assert files == ["config.json", "model.safetensors", "probe-entity_slot.json", "probe-entity_slot.safetensors",
+                     "saes", "tokenizer.json", "world.yaml"]  # fmt: skip
+    saes = sorted(p.name for p in (SHIPPED / "saes").iterdir())
+    assert saes == [f"blocks.{layer}.hook_resid_post" for layer in range(4)]
+    every = [p for p in SHIPPED.rglob("*") if p.is_file()]
+    assert {p.suffix for p in every} == {".json", ".safetensors", ".yaml"}  # nothing that would be unpickled
+    assert sum(p.stat().st_size for p in every) <= 20 * 2**20
 
 
 def test_load_model_organism_and_card():
@@ -73,9 +78,23 @@ def test_signal_gates_are_reported(info):
 def test_demo_writes_labels_and_a_self_contained_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--per-split", "4", "--bios-per-split", "1"]) == 0
-    assert "answers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "answers" in printed and "labels (probe entity_slot" in printed
     records = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
     assert len(records) == 4 * (4 + 1)
+    # every token labelled by the shipped probe, as `knowlens label` labels the same prompt
+    from knowlens.labels import label_generation
+    from knowlens.organism.store import load_organism
+    from knowlens.probes import load_probe
+
+    org = load_organism()
+    probe = load_probe(SHIPPED / "probe-entity_slot.safetensors", model=org.model)
+    for r in records:
+        assert all((t["label"] == "reliable") == (t["p_reliable"] >= probe.threshold) for t in r["tokens"])
+    first = records[0]
+    (gen,) = label_generation(org.model, [first["prompt"]], [probe], max_new_tokens=len(first["tokens"]))
+    assert [t.text for t in gen.tokens] == [t["text"] for t in first["tokens"]]
+    assert [t.p_reliable for t in gen.tokens] == pytest.approx([t["p_reliable"] for t in first["tokens"]], abs=1e-4)
     assert {r["split"] for r in records} == {"known", "partial", "refusal", "unknown"}
     _, card = knowlens.load_model("organism")
     assert {json.dumps(r["model"]) for r in records} == {json.dumps(card.identity())}
