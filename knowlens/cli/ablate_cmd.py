@@ -22,8 +22,8 @@ for an organism that refuses in the value slot, "Ab Cor was born in unknown .", 
 over the answer), the entropy and top-1 probability at the answer position, the mean entropy over the generated
 tokens, and whether the answer is a refusal (it starts with a refusal template, or holds the slot word). With several prompts (or --split), the refusal rate of both runs.
 examples:
-  knowlens ablate --sae my_saes/blocks.2.hook_resid_post --latent 117 --latent 9 --prompt 'Q : Who or what is Mor Ard ? A :'
-  knowlens ablate --sae my_saes/blocks.2.hook_resid_post --features feats/entity_known.answer.unknown.safetensors --split refusal --n 16"""
+  knowlens ablate --sae organism:blocks.2.hook_resid_post --latent 117 --latent 9 --prompt 'Q : Who or what is Mor Ard ? A :'
+  knowlens ablate --sae organism:blocks.2.hook_resid_post --features feats/entity_known.slot.unknown.safetensors --split unknown --n 32"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -19,13 +19,13 @@ Either side given alone is completed exemplar-free. Writes DIR/entity_known.<pos
 (+ .json card; load with knowlens.saes.FeatureSet.load), DIR/report.html and, on an organism, DIR/truth.json:
 the same search on the world's true known/unknown entities, the overlap of the two top lists and each top
 latent's AUROC on true held-out entities the exemplar-free sets did not use.
-example: knowlens features entity-known --model organism --sae my_saes/blocks.2.hook_resid_post --out feats/"""
+example: knowlens features entity-known --model organism --sae organism:blocks.2.hook_resid_post --out feats/"""
 
 SURPRISE_EPILOG = """\
 Tokens: on an organism its held-out questions with their true answers (never trained); for another model
 --text FILE (.txt one text per line, or .jsonl {"text": ...}); each text is <bos> text <eos>, cut at n_ctx.
 Writes DIR/surprise.safetensors (+ .json card; knowlens.saes.SurpriseResult.load) and DIR/report.html.
-example: knowlens features surprise --model organism --sae my_saes/blocks.1.hook_resid_post --out surprise/"""
+example: knowlens features surprise --model organism --sae organism:blocks.1.hook_resid_post --out surprise/"""
 
 ENTITY_OWNED = ("entity_known.*", "truth.json", "report.html")
 SURPRISE_OWNED = ("surprise.safetensors", "surprise.json", "report.html", "entropy_gap.json")

@@ -30,8 +30,8 @@ in the value slot, "Ab Cor was born in unknown .", the slot word's highest proba
 top-1 probability and the answer; over all prompts the refusal rate of each run and its change in points. --out writes the dose-response
 figure (self-contained HTML).
 examples:
-  knowlens steer --sae my_saes/blocks.2.hook_resid_post --direction latent:117 --alpha 2 --prompt 'Q : Who or what is Mor Ard ? A :'
-  knowlens steer --direction features:feats/entity_known.answer.unknown.safetensors --alpha 1 --alpha 2 --split known --n 32 --random-control"""
+  knowlens steer --sae organism:blocks.2.hook_resid_post --direction latent:117 --alpha 2 --prompt 'Q : Who or what is Mor Ard ? A :'
+  knowlens steer --direction features:feats/entity_known.slot.unknown.safetensors --alpha 1 --alpha 2 --split known --n 32 --random-control"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
