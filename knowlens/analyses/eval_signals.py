@@ -45,7 +45,7 @@ from knowlens.errors import KnowlensError
 from knowlens.labels import label_generation
 from knowlens.organism.corpus import EvalItem
 from knowlens.probes import L2_GRID, cross_validate_select, fit_calibration, load_probe, max_folds
-from knowlens.probes.pseudo import default_hooks, fit_pseudo_probes, span_agreement
+from knowlens.probes.pseudo import default_hooks, fit_entity_slot_probe, fit_pseudo_probes, span_agreement
 from knowlens.types import Tensor
 
 EPS = 1e-12
@@ -216,13 +216,10 @@ def _fit_probe(model: Any, items: Sequence[EvalItem], folder: Path, *, k: int, s
 
 
 def _fit_entity_slot(model: Any, folder: Path, options: dict[str, Any], *, seed: int) -> tuple[Any, dict[str, Any]]:
-    """The exemplar-free entity-contrast probe at the answer slot (`entity_contrast_labels`, ``position="slot"``),
-    fitted once (its names come from the model's own samples and from fabrication, not from the evaluated items)."""
-    opts = {"position": "slot", **options}
-    fits = fit_pseudo_probes(model, [], hooks=default_hooks(model), out_dir=folder, sources=("entity_contrast",),
-                             seed=seed, options={"entity_contrast": opts}, n_boot=0,
-                             model_name=getattr(model.cfg, "model_name", None))  # fmt: skip
-    f = fits["entity_slot"]
+    """The exemplar-free entity-slot probe (`fit_entity_slot_probe`; ``options``: its ``templates``,
+    ``exclude_texts``, ...), fitted once (its names come from the model's own samples and from fabrication, not from
+    the evaluated items)."""
+    f = fit_entity_slot_probe(model, folder, seed=seed, model_name=getattr(model.cfg, "model_name", None), **options)
     pseudo = f.training["pseudo"]
     frames = pseudo["params"].get("answer_frames") or {}
     info = {"hook": pseudo["hook"], "counts": pseudo["counts"], "threshold": round(pseudo["threshold"], 4),

@@ -214,8 +214,7 @@ def evaluate_signals(
         if entity_slot:
             from knowlens.saes.entity import organism_templates
 
-            slot_opts = {"templates": list(organism_templates(world)), "exclude_texts": training_texts,
-                         "template": organism_templates(world)[0]}  # fmt: skip
+            slot_opts = {"templates": list(organism_templates(world)), "exclude_texts": training_texts}
         found, mismatched, label_details = label_signals(model, answers, rows, probes=probes, halves=halves, fit=fit,
                                                          k=k, seed=seed, batch_size=batch_size,
                                                          max_new_tokens=max_new_tokens, sae=sae,

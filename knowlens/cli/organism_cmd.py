@@ -214,7 +214,7 @@ def run_fit_probes(args: argparse.Namespace) -> int:
     import torch
 
     from knowlens.organism.store import load_organism, organism_path
-    from knowlens.probes.pseudo import default_hooks, fit_pseudo_probes
+    from knowlens.probes.pseudo import fit_entity_slot_probe
     from knowlens.saes.contrast import organism_training_texts
     from knowlens.saes.entity import organism_templates
 
@@ -228,19 +228,16 @@ def run_fit_probes(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     org = load_organism(path)
     org.model.cfg.model_name = args.model
-    templates = list(organism_templates(org.world))
-    options = {"templates": templates, "template": templates[0], "position": "slot", "n_samples": args.samples,
-               "k": args.k, "exclude_texts": organism_training_texts(org)}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="knowlens-probes-") as tmp:
-        fits = fit_pseudo_probes(org.model, [], hooks=default_hooks(org.model), out_dir=tmp, sources=("entity_contrast",),
-                                 seed=args.seed, options={"entity_contrast": options}, n_boot=0,
-                                 model_name=args.model)  # fmt: skip
+        fit = fit_entity_slot_probe(org.model, tmp, templates=organism_templates(org.world),
+                                    exclude_texts=organism_training_texts(org), seed=args.seed, model_name=args.model,
+                                    n_samples=args.samples, k=args.k)  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         for suffix in (".safetensors", ".json"):  # each file lands whole (a temporary name, then a rename)
             tmp_target = out / f".probe-entity_slot{suffix}.tmp"
             shutil.copyfile(Path(tmp) / f"entity_slot{suffix}", tmp_target)
             tmp_target.replace(out / f"probe-entity_slot{suffix}")
-    pseudo = fits["entity_slot"].training["pseudo"]
+    pseudo = fit.training["pseudo"]
     frames = (pseudo["params"].get("answer_frames") or {}).get("frames") or {}
     print(f"entity-slot probe: {pseudo['counts']['label_1']} rows of known names, {pseudo['counts']['label_0']} of "
           f"fabricated ones ({pseudo['counts']['groups']} names); frames {sorted({f for fs in frames.values() for f in fs})}")

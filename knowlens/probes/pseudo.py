@@ -150,6 +150,29 @@ def fit_pseudo_probes(
     return out
 
 
+def fit_entity_slot_probe(
+    model: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    templates: Sequence[str],
+    exclude_texts: Sequence[str] | None = None,
+    seed: int = 0,
+    model_name: str | None = None,
+    **contrast: Any,
+) -> ProbeFit:
+    """The exemplar-free entity-contrast probe at the answer slot (`entity_contrast_labels` with ``position="slot"``
+    over ``templates``; the known names' consistency samples answer ``templates[0]``; ``contrast``: further options
+    of `exemplar_free_contrast`, e.g. ``n_samples``, ``k``), fitted as `fit_pseudo_probes` fits every source and
+    written to ``out_dir/entity_slot.safetensors`` + ``.json``."""
+    if not templates:
+        raise KnowlensError("the entity-slot probe needs at least one prompt template")
+    options = {"templates": list(templates), "template": templates[0], "position": "slot",
+               "exclude_texts": exclude_texts, **contrast}  # fmt: skip
+    fits = fit_pseudo_probes(model, [], hooks=default_hooks(model), out_dir=out_dir, sources=("entity_contrast",),
+                             seed=seed, options={"entity_contrast": options}, n_boot=0, model_name=model_name)  # fmt: skip
+    return fits["entity_slot"]
+
+
 def _best_hook(labels: PseudoLabels, *, class_weight: ClassWeight, calibration: str | None, folds: int, seed: int,
                n_boot: int) -> tuple[ProbeFit, str]:  # fmt: skip
     counts = labels.counts()
@@ -232,6 +255,7 @@ __all__ = [
     "self_consistency_labels",
     "own_vs_injected_labels",
     "entity_contrast_labels",
+    "fit_entity_slot_probe",
     "span_agreement",
     "derangement",
     "pseudo_labels",
