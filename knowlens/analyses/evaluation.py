@@ -90,8 +90,9 @@ METRICS = {  # key: column title
     "ece_platt": "ECE (Platt)",
     "brier_platt": "Brier (Platt)",
 }
-CUE_SWEEP_NOTE = ("cue-strength sweep (0, default, 0.95): not run; it needs a small organism trained per cue "
-                  "strength (`knowlens organism train` with the world's cue strength set), then this evaluation on each")  # fmt: skip
+CUE_SWEEP_NOTE = ("cue-strength sweep (0, default, 0.95): not part of one evaluation, which reads one organism; "
+                  "`python benchmarks/cue_sweep.py --out DIR` trains a small organism per cue strength and runs this "
+                  "evaluation on each (docs/results/cue_sweep.md)")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,66 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for choosing --split questions (and random directions)")
 
 
+def add_label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe", action="append", type=Path, default=None, metavar="FILE",
+                   help="probe for the token labels of every run (repeatable); default: the probes shipped with the "
+                   "model (the organism's entity-slot probe), none for another model")  # fmt: skip
+    p.add_argument("--no-labels", action="store_true", help="leave out the token labels")
+
+
+LABEL_KEYS = ["p_reliable_min", "unreliable_share"]
+
+
+def label_runner(args: argparse.Namespace, loaded: Loaded, prompts: list[str]) -> tuple[Any, str | None]:
+    """(per_run, description): a `measure_generations` ``per_run`` that labels each run's generations with the
+    probes (`label_generation` under that run's interventions, so the probes read the edited activations), or
+    (None, None) without probes. Per prompt: ``p_reliable_min`` (the answer's least reliable token),
+    ``unreliable_share`` (the share of its tokens labelled unreliable) and ``labelled`` (the text, unreliable
+    tokens in [brackets])."""
+    if args.no_labels:
+        return None, None
+    from knowlens.cli.label_cmd import _probe_file, render_tokens, shipped_probes
+
+    files = [_probe_file(f) for f in args.probe] if args.probe else shipped_probes(args.model)
+    if not files:
+        return None, None
+    from knowlens.labels import label_generation
+    from knowlens.labels.generation import resolve_probes
+    from knowlens.patching import intervene
+
+    model = loaded.model
+    probes = resolve_probes(model, files, sae=loaded.sae)
+
+    def per_run(interventions: tuple[Any, ...]) -> list[dict[str, Any]]:
+        with intervene(model, *interventions):
+            labels = label_generation(model, prompts, probes, max_new_tokens=args.max_new_tokens)
+        rows = []
+        for g in labels.generations:
+            tokens = [t for t in g.tokens if not t.text.startswith("<")]  # EOS and other specials not shown
+            ps = [t.p_reliable for t in tokens]
+            rows.append({"p_reliable_min": min(ps) if ps else math.nan,
+                         "unreliable_share": sum(t.label == "unreliable" for t in tokens) / len(ps) if ps else math.nan,
+                         "labelled": render_tokens(tokens, colour=False)})  # fmt: skip
+        return rows
+
+    p = probes[0]
+    return per_run, f"probe {p.name} ({p.hook} @ {p.position}), threshold {labels_threshold(p)}"
+
+
+def labels_threshold(probe: Any) -> str:
+    return f"{probe.threshold:.3f}" if probe.threshold is not None else "0.5"
+
+
+def labels_line(rows: list[dict[str, Any]], what: str | None) -> str | None:
+    """How the labels moved from the first row (the baseline) to each other one, or None without labels."""
+    if what is None or "p_reliable_min" not in rows[0]:
+        return None
+    name = lambda r: str(r.get("run") or f"{r.get('direction')} alpha={r.get('alpha', 0):g}")  # noqa: E731
+    moves = [f"{name(r)} {num(rows[0]['p_reliable_min'])} -> {num(r['p_reliable_min'])} (unreliable share "
+             f"{num(rows[0]['unreliable_share'])} -> {num(r['unreliable_share'])})" for r in rows[1:]]  # fmt: skip
+    return f"labels by {what}: mean least-reliable p_reliable per answer, baseline -> " + "; ".join(moves)
+
+
 def check_common(args: argparse.Namespace) -> None:
     """Option checks that need no model (one-line KnowlensError)."""
     from knowlens.errors import KnowlensError
@@ -178,8 +238,11 @@ def side_by_side(prompt: str, columns: list[tuple[str, dict[str, Any]]]) -> str:
     for label, key in stats:
         if any(key in col for _, col in columns):
             row(label, [num(col.get(key)) for _, col in columns])
+    if any("p_reliable_min" in col for _, col in columns):
+        row("p_reliable (min)", [num(col.get("p_reliable_min")) for _, col in columns])
     row("refused", ["yes" if col.get("refused") else "no" for _, col in columns])
-    wrapped = [textwrap.wrap(col.get("text", "") or "(nothing)", width) or [""] for _, col in columns]
+    texts = [col.get("labelled", col.get("text", "")) for _, col in columns]  # labelled: unreliable in [brackets]
+    wrapped = [textwrap.wrap(t or "(nothing)", width) or [""] for t in texts]
     for i in range(max(len(w) for w in wrapped)):
         row("answer" if i == 0 else "", [w[i] if i < len(w) else "" for w in wrapped])
     return "\n".join(lines)

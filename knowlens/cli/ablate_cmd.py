@@ -7,6 +7,7 @@ import argparse
 
 from knowlens.cli._patching_common import (
     Formatter,
+    add_label_args,
     add_model_args,
     add_prompt_args,
     check_common,
@@ -20,7 +21,10 @@ so nothing but the chosen latents changes. Generation is greedy and KV-cached. P
 (the probability of the refusal templates' first tokens at the answer position, i.e. after the prompt's last token;
 for an organism that refuses in the value slot, "Ab Cor was born in unknown .", the slot word's highest probability
 over the answer), the entropy and top-1 probability at the answer position, the mean entropy over the generated
-tokens, and whether the answer is a refusal (it starts with a refusal template, or holds the slot word). With several prompts (or --split), the refusal rate of both runs.
+tokens, and whether the answer is a refusal (it starts with a refusal template, or holds the slot word). With several
+prompts (or --split), the refusal rate of both runs. Token labels: each run's answer is labelled by the probes
+(--probe, else those shipped with the model) reading the run's own activations, the ablated ones included;
+unreliable tokens in [brackets], the answer's least reliable p_reliable and the share of unreliable tokens.
 examples:
   knowlens ablate --sae organism:blocks.2.hook_resid_post --latent 117 --latent 9 --prompt 'Q : Who or what is Mor Ard ? A :'
   knowlens ablate --sae organism:blocks.2.hook_resid_post --features feats/entity_known.slot.unknown.safetensors --split unknown --n 32"""
@@ -40,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--value", type=float, default=None, help="set the latents to this value (default 0)")
     how.add_argument("--scale", type=float, default=None, help="multiply the latents by this factor instead")
     add_prompt_args(p)
+    add_label_args(p)
     p.set_defaults(run=run, command="ablate")
 
 
@@ -47,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from knowlens.cli._patching_common import (
+        LABEL_KEYS,
         check_prompts_fit,
+        label_runner,
+        labels_line,
         load,
         points,
         prompts_for,
@@ -83,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     check_prompts_fit(model, prompts, args.max_new_tokens)
     refusal = refusal_measures(args, loaded, prompts[0])
     ids = refusal["refusal_ids"]
-    opts = {"max_new_tokens": args.max_new_tokens, **refusal}
+    per_run, labelled_by = label_runner(args, loaded, prompts)
+    opts = {"max_new_tokens": args.max_new_tokens, "per_run": per_run, **refusal}
     base = measure_generations(model, prompts, **opts)
     ablated = measure_generations(model, prompts, edit, **opts)
 
@@ -96,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
         print(side_by_side(prompts[i], [("baseline", base[i]), (title, ablated[i])]) + "\n")
     rows = [{"run": "baseline", **summarise(base)}, {"run": "ablated", **summarise(ablated)}]
     print(f"over {len(prompts)} prompt{'s' if len(prompts) != 1 else ''}:")
-    print(table(rows, ["run", "refusal_rate", "refusal_prob", "entropy_answer", "top1_answer", "entropy_mean"]))
+    print(table(rows, ["run", "refusal_rate", "refusal_prob", "entropy_answer", "top1_answer", "entropy_mean",
+                       *(LABEL_KEYS if labelled_by else [])]))  # fmt: skip
+    line = labels_line(rows, labelled_by)
+    if line:
+        print(line)
     print(f"refusal rate {points(rows[1]['refusal_rate'], rows[0]['refusal_rate'])}; refusal tokens "
           f"{[model.tokenizer.decode([t]) for t in ids]}; {time.perf_counter() - start:.1f} s")  # fmt: skip
     return 0

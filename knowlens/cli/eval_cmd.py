@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 OWNED = ("eval.md", "eval.json", "eval.html")
 EPILOG = """\
@@ -23,9 +24,10 @@ metrics: AUROC, AUPRC and recall at 10% false-positive rate of hallucinated toke
 answers (reliability = the minimum over an answer's value tokens) and its area; 95% bootstrap intervals over
 entities; AUROC per split; forward passes per generated token.
 output: the markdown table on stdout; with --out DIR also eval.md, eval.json and eval.html (self-contained plotly:
-ROC curves, reliability diagram, risk-coverage), each written atomically.
+ROC curves, reliability diagram, risk-coverage), each written atomically; with --results FILE a markdown page with the
+table, the organism's provenance and the command that regenerates the page (docs/results/organism.md).
 needs an organism (`organism` or an organism folder): its world is the ground truth; another model exits 2.
-not done: the sweep over cue strengths (0, default, 0.95) needs a small organism trained per strength.
+across cue strengths (0, default, 0.95): python benchmarks/cue_sweep.py --out DIR (a small organism per strength).
 example: knowlens eval --model organism --out eval/ --threads 1"""
 
 
@@ -48,7 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per answer (default 48)")
     p.add_argument("--seed", type=int, default=0, help="seed: halves, samples, folds, resamples (default 0)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="folder for eval.md, eval.json, eval.html")
-    p.add_argument("--overwrite", action="store_true", help="replace eval.* in --out")
+    p.add_argument("--results", type=Path, default=None, metavar="FILE",
+                   help="a results page (.md): the table under a header naming the organism and the command that "
+                   "regenerates the page (docs/results/organism.md is one)")
+    p.add_argument("--overwrite", action="store_true", help="replace eval.* in --out, or the --results page")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(run=run, command="eval")
@@ -73,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     probes = [_probe_file(p) for p in args.probe or []]
     if args.out is not None:
         check_output_dir(args.out, flag="--out", overwrite=args.overwrite, owned=OWNED)
+    if args.results is not None:
+        check_results_file(args.results, overwrite=args.overwrite)
     if args.threads is not None:
         import torch
 
@@ -111,5 +118,54 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(args.out / "eval.json", json.dumps(ev.to_dict(), indent=1) + "\n")
         ev.to_html(args.out / "eval.html", title=f"knowlens eval: {args.model}")
         print(f"wrote {args.out / 'eval.md'}, eval.json, eval.html", file=sys.stderr)
+    if args.results is not None:
+        from knowlens.outputs import atomic_write_text
+
+        atomic_write_text(args.results, results_page(args, org, table, time.time() - t0))
+        print(f"wrote {args.results}", file=sys.stderr)
     log("done")
     return 0
+
+
+def check_results_file(path: Path, *, overwrite: bool) -> None:
+    from knowlens.errors import KnowlensError
+
+    if path.suffix != ".md":
+        raise KnowlensError(f"--results {path}: a results page is markdown; name it *.md")
+    if not path.parent.is_dir():
+        raise KnowlensError(f"--results {path}: no such folder {path.parent}")
+    if path.exists() and not overwrite:
+        raise KnowlensError(f"--results {path} exists; pass --overwrite to replace it")
+
+
+def regenerate_command(args: argparse.Namespace) -> str:
+    """The `knowlens eval` command line that measures what ``args`` asked for and rewrites its results page."""
+    import shlex
+
+    parts = ["knowlens", "eval"] + (["--model", str(args.model)] if args.model != "organism" else [])
+    for probe in args.probe or []:
+        parts += ["--probe", str(probe)]
+    for flag, value, default in (("--sae", args.sae, None), ("--k", args.k, 8), ("--fit", args.fit, "cross"),
+                                 ("--items", args.items, None), ("--n-boot", args.n_boot, 1000),
+                                 ("--folds", args.folds, 5), ("--max-new-tokens", args.max_new_tokens, 48),
+                                 ("--seed", args.seed, 0), ("--device", args.device, "cpu"),
+                                 ("--threads", args.threads, None)):  # fmt: skip
+        if value != default:
+            parts += [flag, str(value)]
+    return shlex.join([*parts, "--results", str(args.results), "--overwrite"])
+
+
+def results_page(args: argparse.Namespace, org: Any, table: str, seconds: float) -> str:
+    import datetime
+    import os
+
+    record = org.info or {}
+    train = (record.get("training") or {}).get("train_config") or {}
+    made = (f"world `{org.world.spec.name}`, trained {train['epochs']} epochs on {train.get('threads')} thread(s)"
+            if train.get("epochs") else f"world `{org.world.spec.name}`")  # fmt: skip
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return (f"# knowlens evaluation: {args.model}\n\n"
+            f"Organism `{args.model}` (weights fingerprint `{record.get('fingerprint')}`; {made}). "
+            f"Measured {when} in {seconds:.0f} s on {os.cpu_count()} CPU cores"
+            + (f", {args.threads} torch thread(s)" if args.threads else "") + f", device {args.device}.\n\n"
+            f"Regenerate this page (from the repository root):\n\n    {regenerate_command(args)}\n\n{table}")

@@ -9,6 +9,7 @@ from typing import Any
 
 from knowlens.cli._patching_common import (
     Formatter,
+    add_label_args,
     add_model_args,
     add_prompt_args,
     check_common,
@@ -27,8 +28,10 @@ activation's own norm there); --unit raw: x_t + alpha * d. Steering acts on the 
 (greedy, KV-cached). --random-control runs a seeded random direction of the same norm at the same alphas. Printed:
 per prompt the refusal probability (first refusal tokens at the answer position; for an organism that refuses
 in the value slot, "Ab Cor was born in unknown .", the slot word's highest probability over the answer), entropy,
-top-1 probability and the answer; over all prompts the refusal rate of each run and its change in points. --out writes the dose-response
-figure (self-contained HTML).
+top-1 probability and the answer; over all prompts the refusal rate of each run and its change in points. Token
+labels: each run's answer is labelled by the probes (--probe, else those shipped with the model) reading that run's
+own (steered) activations: unreliable tokens in [brackets], the answer's least reliable p_reliable and the share of
+unreliable tokens. --out writes the dose-response figure (self-contained HTML).
 examples:
   knowlens steer --sae organism:blocks.2.hook_resid_post --direction latent:117 --alpha 2 --prompt 'Q : Who or what is Mor Ard ? A :'
   knowlens steer --direction features:feats/entity_known.slot.unknown.safetensors --alpha 1 --alpha 2 --split known --n 32 --random-control"""
@@ -50,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="FILE.html", help="write the dose-response figure here")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_prompt_args(p)
+    add_label_args(p)
     p.set_defaults(run=run, command="steer")
 
 
@@ -58,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from knowlens.cli._patching_common import (
+        LABEL_KEYS,
         check_prompts_fit,
+        label_runner,
+        labels_line,
         load,
         points,
         prompts_for,
@@ -100,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     check_prompts_fit(model, prompts, args.max_new_tokens)
     _check_width(model, hook, direction, prompts[0])
     refusal = refusal_measures(args, loaded, prompts[0])
-    opts = {"max_new_tokens": args.max_new_tokens, **refusal}
+    per_run, labelled_by = label_runner(args, loaded, prompts)
+    opts = {"max_new_tokens": args.max_new_tokens, "per_run": per_run, **refusal}
     base = measure_generations(model, prompts, **opts)
     dose = dose_response(model, prompts, direction, hook, args.alpha, unit=args.unit,
                          control="random" if args.random_control else None, seed=args.seed, **opts)  # fmt: skip
@@ -119,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
     b = {"direction": "none", "alpha": 0.0, **summarise(base)}
     print(f"over {len(prompts)} prompt{'s' if len(prompts) != 1 else ''}:")
     print(table([b, *dose.rows], ["direction", "alpha", "refusal_rate", "refusal_prob", "entropy_answer", "top1_answer",
-                                  "entropy_mean"]))  # fmt: skip
+                                  "entropy_mean", *(LABEL_KEYS if labelled_by else [])]))  # fmt: skip
+    line = labels_line([b, *dose.rows], labelled_by)
+    if line:
+        print(line)
     changes = [f"{r['direction']} alpha={r['alpha']:g} {points(r['refusal_rate'], b['refusal_rate'])}" for r in dose.rows]
     print("refusal rate against the baseline: " + "; ".join(changes))
     if out is not None:

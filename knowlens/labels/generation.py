@@ -308,30 +308,30 @@ class _Batch:
         return out
 
     def _emit(self, s: int, tokens: list[int], alive: list[bool], scores: Tensor, stats: Tensor) -> list[TokenLabel]:
+        """Labels of step ``s``'s live rows; ``scores`` (n_probes, batch) and ``stats`` (3, batch) on the host."""
         if self.carry is None:
             self.carry = [self._prompt_carry(r) for r in range(len(self.rows))]
-        out = []
         per_token = scores[self.token_idx]
-        p_all = per_token[0] if self.combine == "first" else per_token.mean(dim=0)
+        p_all = (per_token[0] if self.combine == "first" else per_token.mean(dim=0)).tolist()
+        score_rows, (surprise, top1, entropy) = scores.tolist(), stats.tolist()  # Python floats: one conversion
+        probe_keys = [(i, f"probe:{p.name}") for i, p in enumerate(self.probes) if i != self.entity]
+        out = []
         for r, (tid, live) in enumerate(zip(tokens, alive)):
             if not live:
                 continue
             text = self.text_of(int(tid))
-            signals: dict[str, float | None] = {}
-            for i, p in enumerate(self.probes):
-                if i != self.entity:
-                    signals[f"probe:{p.name}"] = float(scores[i, r])
+            signals: dict[str, float | None] = {key: score_rows[i][r] for i, key in probe_keys}
             if self.entity is not None:
                 carried, was_piece = self.carry[r]
                 piece = self.name_piece(text)
                 if piece and was_piece:
-                    carried = float(scores[self.entity, r])
+                    carried = score_rows[self.entity][r]
                 self.carry[r] = (carried, piece)
                 signals["entity_known"] = carried
-            signals["input_surprise"] = float(stats[0, r])
-            signals["top1_prob"] = float(stats[1, r])
-            signals["entropy"] = float(stats[2, r])
-            p = float(p_all[r])
+            signals["input_surprise"] = surprise[r]
+            signals["top1_prob"] = top1[r]
+            signals["entropy"] = entropy[r]
+            p = p_all[r]
             label = TokenLabel(row=self.offset + r, index=len(self.emitted[r]), token_id=int(tid), text=text,
                                p_reliable=p, label="reliable" if p >= self.threshold else "unreliable",
                                signals=signals)  # fmt: skip

@@ -14,8 +14,10 @@ Definitions:
   prompt under the same interventions (only when ``refusal_ids`` is given); with ``refusal_in_slot`` (a world
   that refuses in the value slot, "X works as a unknown ."), the largest mass of ``refusal_ids`` (the slot word)
   over the positions that predicted the generated tokens, from a full forward of prompt and answer under the same
-  interventions: the slot comes after the answer's first words; ``n_tokens``; and every extra
-  ``measure[name](prompt_index, text) -> float`` (e.g. answer accuracy from a grader).
+  interventions: the slot comes after the answer's first words; ``n_tokens``; every extra
+  ``measure[name](prompt_index, text) -> float`` (e.g. answer accuracy from a grader); and, with ``per_run``, the
+  items of ``per_run(interventions)[prompt_index]`` (called once per run with that run's interventions: e.g. token
+  labels from `knowlens.labels.label_generation` under the same interventions; the CLI's ablate and steer do so).
 * **Rows** (`DoseResponse.rows`): one per (direction, alpha), the per-prompt values averaged over prompts
   (``refusal_rate`` is the mean of ``refused``).
 * **Refusal** (`refusal_matcher`): the generated text, whitespace-normalised, starts with one of the refusal
@@ -40,6 +42,7 @@ from knowlens.patching.interventions import Intervention, Unit, intervene, steer
 from knowlens.patching.positions import Positions
 from knowlens.types import Tensor
 
+PerRun = Callable[[tuple[Any, ...]], Sequence[Mapping[str, Any]]]  # interventions -> one dict per prompt
 STAT_KEYS = ("refusal_rate", "refusal_prob", "entropy_answer", "top1_answer", "entropy_mean", "top1_mean")
 
 
@@ -160,6 +163,7 @@ def measure_generations(
     refusal_ids: Sequence[int] | None = None,
     refusal_in_slot: bool = False,
     measure: Mapping[str, Callable[[int, str], float]] | None = None,
+    per_run: PerRun | None = None,
 ) -> list[dict[str, Any]]:
     """Greedy KV-cached generation of ``prompts`` under ``interventions`` (none: the plain model) and the
     per-prompt values of the module docstring, one dict per prompt."""
@@ -199,6 +203,12 @@ def measure_generations(
         for name, fn in (measure or {}).items():
             row[name] = float(fn(i, text))
         out.append(row)
+    if per_run is not None:
+        extra = per_run(tuple(interventions))
+        if len(extra) != len(out):
+            raise KnowlensError(f"per_run gave {len(extra)} rows for {len(out)} prompts")
+        for row, more in zip(out, extra):
+            row.update(more)
     return out
 
 
@@ -218,6 +228,7 @@ def dose_response(
     measure: Mapping[str, Callable[[int, str], float]] | None = None,
     control: Literal["random"] | None = None,
     seed: int = 0,
+    per_run: PerRun | None = None,
 ) -> DoseResponse:
     """Steer ``hook`` along ``direction`` with each of ``alphas`` (in ``unit``), generate and measure (module
     docstring); with ``control="random"`` the same for a seeded random direction of the same norm."""
@@ -239,7 +250,7 @@ def dose_response(
             edit = steer(hook, d, alpha, unit=unit, positions=positions)
             got = measure_generations(model, prompts, edit, max_new_tokens=max_new_tokens, is_refusal=is_refusal,
                                       refusal_ids=refusal_ids, refusal_in_slot=refusal_in_slot,
-                                      measure=measure)  # fmt: skip
+                                      measure=measure, per_run=per_run)  # fmt: skip
             per_prompt += [{"direction": name, "alpha": alpha, **g} for g in got]
             rows.append({"direction": name, "alpha": alpha, **summarise(got)})
     return DoseResponse(rows=rows, per_prompt=per_prompt, hook=hook, unit=unit, alphas=alphas,
@@ -262,8 +273,8 @@ def summarise(per_prompt: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return out
     out["refusal_rate"] = sum(bool(p["refused"]) for p in per_prompt) / len(per_prompt)
     skip = {"prompt", "text", "refused", "direction", "alpha"}
-    for key in per_prompt[0]:
-        if key not in skip:
+    for key, first in per_prompt[0].items():
+        if key not in skip and isinstance(first, (int, float)):  # numbers only (a labelled text is not averaged)
             vals = [float(p[key]) for p in per_prompt if p[key] == p[key]]  # NaN-free
             out[key] = sum(vals) / len(vals) if vals else float("nan")
     return out

@@ -44,6 +44,9 @@ Public API (re-exports only):
 * `FeatureSet`: located latents with scores, decoder rows, held-out AUROC, every latent's statistics and how the
   contrast sets were built; ``save(path)`` / ``load(path, model=...)`` (safetensors + JSON card, checked);
   `latent_activations(model, sae, tokens, latents)`, `top_contexts(acts, mask, n=5)`
+* `latent_statistics(model, sae, batches) -> LatentStats`: per-latent firing frequency, mean (and mean when
+  active), standard deviation and maximum over a stream of token batches (any iterable: memory bounded by the
+  batch); `knowlens.capture.stream_rows(model, texts, seq_len=..., rows=...)` makes such a stream from texts
 * Contrast sets (`knowlens.saes.contrast`: definitions): `self_generated_entities(model, ...)` (names the model
   writes facts about and repeats consistently), `fabricated_names(model, *, n, pieces, exclude_texts, ...)`
   (rejecting any found in the training texts), `exemplar_free_contrast(model, ...)` (both, balanced),
@@ -83,6 +86,7 @@ if TYPE_CHECKING:
     from knowlens.saes.evaluate import SaeMetrics, sae_metrics
     from knowlens.saes.features import FeatureSet, latent_activations, top_contexts
     from knowlens.saes.frames import AnswerFrames, answer_frames
+    from knowlens.saes.latent_stats import LatentStats, latent_statistics
     from knowlens.saes.surprise import SurpriseResult, input_surprisal, locate_surprise
 
 __all__ = [
@@ -109,6 +113,8 @@ __all__ = [
     "FeatureSet",
     "latent_activations",
     "top_contexts",
+    "latent_statistics",
+    "LatentStats",
     "Contrast",
     "EntitySet",
     "self_generated_entities",
@@ -138,6 +144,8 @@ _LAZY = {
     "FeatureSet": "features",
     "latent_activations": "features",
     "top_contexts": "features",
+    "latent_statistics": "latent_stats",
+    "LatentStats": "latent_stats",
 }
 
 

@@ -40,22 +40,10 @@ def encode_latents(sae: Any, act: Tensor) -> Tensor:
 
 def active_counts(model: Any, sae: Any, hook: str, tokens: Tensor, valid: Tensor, batch_size: int) -> tuple[Tensor, int]:
     """Per latent, the number of valid tokens of ``tokens`` on which it is > 0; and the number of valid tokens."""
-    from knowlens.capture.hooks import stop_layer_for
+    from knowlens.saes.latent_stats import latent_statistics, row_batches
 
-    seen: dict[str, Tensor] = {}
-
-    def capture(act: Tensor, hook: Any) -> None:
-        seen["act"] = act.detach()
-
-    stop = stop_layer_for(model, [hook])
-    counts = torch.zeros(int(sae.cfg.d_sae), dtype=torch.long, device=tokens.device)
-    with model.hooks(fwd_hooks=[(hook, capture)]):
-        for start in range(0, tokens.shape[0], batch_size):
-            seen.clear()
-            model(tokens[start : start + batch_size], stop_at_layer=stop)
-            feats = encode_latents(sae, seen["act"])[valid[start : start + batch_size]]
-            counts += (feats > 0).sum(0).to(counts.device)
-    return counts, int(valid.sum())
+    stats = latent_statistics(model, sae, row_batches(tokens, valid, batch_size), hook=hook)
+    return stats.active, stats.n_tokens
 
 
 def default_label(sae: Any) -> str:

@@ -35,9 +35,13 @@ def test_eval_small_on_the_organism_writes_three_files(tmp_path, capsys):
     b = organism_probe(tmp_path / "second.safetensors", hook="blocks.1.hook_resid_post", seed=1)
     out = tmp_path / "eval"
     rc = main(["eval", "--items", "60", "--k", "2", "--n-boot", "30", "--probe", str(a), "--probe", str(b),
-               "--out", str(out), "--threads", "1"])  # fmt: skip
+               "--out", str(out), "--threads", "1", "--results", str(tmp_path / "page.md")])  # fmt: skip
     captured = capsys.readouterr()
     assert rc == 0, captured.err
+    page_md = (tmp_path / "page.md").read_text()
+    assert page_md.startswith("# knowlens evaluation: organism\n") and (out / "eval.md").read_text() in page_md
+    assert f"knowlens eval --probe {a} --probe {b} --k 2 --items 60 --n-boot 30 --threads 1 --results " in page_md
+    assert "world `default`, trained 450 epochs" in page_md and "--overwrite" in page_md
     assert sorted(p.name for p in out.iterdir()) == ["eval.html", "eval.json", "eval.md"]
     md = (out / "eval.md").read_text()
     assert md in captured.out  # the table printed is the one written
@@ -62,6 +66,9 @@ def test_eval_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--overwrite" in err
     assert (out / "eval.md").read_text() == "keep" and sorted(p.name for p in out.iterdir()) == ["eval.md"]
+    assert main(["eval", "--items", "10", "--results", str(out / "eval.md")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err and (out / "eval.md").read_text() == "keep"
 
 
 @pytest.mark.parametrize(
@@ -73,6 +80,8 @@ def test_eval_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
         (["--n-boot", "-1"], "--n-boot must be >= 0"),
         (["--probe", "missing.safetensors"], "no such file"),
         (["--device", "nonesuch"], "nonesuch"),
+        (["--results", "page.txt"], "name it *.md"),
+        (["--results", "nowhere/page.md"], "no such folder"),
     ],
 )
 def test_eval_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):

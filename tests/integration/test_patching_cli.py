@@ -15,9 +15,11 @@ from safetensors.torch import save_file
 from knowlens.cli._patching_common import num
 from knowlens.cli.main import main
 from knowlens.fingerprint import model_identity
-from knowlens.organism.store import load_organism
-from knowlens.patching import ablate_latents, measure_generations, refusal_matcher, token_prob
+from knowlens.labels import label_generation
+from knowlens.organism.store import SHIPPED, load_organism
+from knowlens.patching import ablate_latents, intervene, measure_generations, refusal_matcher, token_prob
 from knowlens.patching.dose import summarise
+from knowlens.probes import load_probe
 from knowlens.saes import FeatureSet, SaeTrainConfig, load_sae, train_sae
 from knowlens.saes.train import _encode, _special
 
@@ -88,6 +90,17 @@ def test_ablate(organism, sae, sae_dir, capsys):
         assert abl[key] == num(want[key]), key
     want_base = summarise(measure_generations(model, [KNOWN, REFUSED], **kw))
     assert base["refusal_prob"] == num(want_base["refusal_prob"]) and want["refusal_prob"] != want_base["refusal_prob"]
+    # token labels of each run: the shipped probe reading that run's own (ablated) activations
+    assert "labels by probe entity_slot" in printed and "p_reliable (min)" in printed
+    probe = load_probe(SHIPPED / "probe-entity_slot.safetensors", model=model)
+    for row, edits in ((base, ()), (abl, (ablate_latents(sae, latents),))):
+        with intervene(model, *edits):
+            got = label_generation(model, [KNOWN, REFUSED], [probe], max_new_tokens=12)
+        mins = [min(t.p_reliable for t in g.tokens if not t.text.startswith("<")) for g in got.generations]
+        assert row["p_reliable_min"] == num(sum(mins) / len(mins))
+    assert main([*args, "--no-labels"]) == 0
+    printed = capsys.readouterr().out
+    assert "p_reliable" not in printed and "labels by" not in printed
 
 
 def test_ablate_a_feature_set(organism, sae, sae_dir, tmp_path, capsys):
@@ -132,6 +145,7 @@ def test_steer_file_direction_alpha_zero_is_the_baseline(organism, tmp_path, cap
                  "--max-new-tokens", "8"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     none, target = row_of(printed, "none"), row_of(printed, "target")
+    assert "p_reliable_min" in none  # labels too: alpha 0 labels exactly as the baseline
     assert {k: v for k, v in none.items() if k != "direction"} == {k: v for k, v in target.items() if k != "direction"}
     assert f"steering at {HOOK} along direction of {path}" in printed
 
