@@ -1,11 +1,10 @@
-"""`knowlens label`: on the shipped organism one prompt is labelled and written (JSONL with the grader's classes, HTML)
-in well under 30 s; on a random-weight word-level model the printed tokens match the JSONL labels, colour only on a
+"""`knowlens label`: on the shipped organism one prompt is labelled and written (JSONL with the grader's classes, HTML;
+its time is measured by benchmarks/bench_cli.py); on a random-weight word-level model the printed tokens match the JSONL labels, colour only on a
 terminal, --fit-pseudo is wired to `fit_pseudo_probes`; every bad input is one line, exit code 2, nothing written."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,7 +51,7 @@ def loads(word_model, monkeypatch):
     return calls
 
 
-def test_organism_one_prompt_under_30_s(tmp_path, capsys):
+def test_organism_one_prompt(tmp_path, capsys):  # its time: benchmarks/bench_cli.py
     from knowlens.organism.store import SHIPPED
 
     record = json.loads((SHIPPED / "config.json").read_text())
@@ -61,13 +60,10 @@ def test_organism_one_prompt_under_30_s(tmp_path, capsys):
                 "d_model": cfg["d_model"], "n_layers": cfg["n_layers"], "d_vocab": cfg["d_vocab"]}  # fmt: skip
     probe = make_probe(tmp_path / "p.safetensors", identity, d=cfg["d_model"], hook="blocks.3.hook_resid_post")
     out, page = tmp_path / "labels.jsonl", tmp_path / "labels.html"
-    start = time.perf_counter()
     code = main(["label", "--probe", str(probe), "--prompt", "Q : Tell me about Mor Tav . A :", "--out", str(out),
                  "--html", str(page), "--no-progress"])  # fmt: skip
-    elapsed = time.perf_counter() - start
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert elapsed < 30, f"knowlens label took {elapsed:.1f} s on one prompt, model loading included"
     (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert rec["prompt"] == "Q : Tell me about Mor Tav . A :" and rec["tokens"]
     assert all(t["class"] in ("correct", "hallucinated", "refusal", "other") for t in rec["tokens"])

@@ -1,12 +1,11 @@
 """`knowlens ablate`, `steer` and `patch` on the shipped organism with a small SAE trained here: the printed figures
 are the library's (ablation with the error term, steering with alpha 0 = baseline, the patching metrics), the
-heatmap and the dose-response page are self-contained, ablate is quick, and bad input is one line, exit 2, with no
-output file."""
+heatmap and the dose-response page are self-contained, each run is labelled by the shipped probe, and bad input is
+one line, exit 2, with no output file (the CLI's time: benchmarks/bench_cli.py)."""
 
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 import torch
@@ -70,13 +69,10 @@ def test_ablate(organism, sae, sae_dir, capsys):
     # the latents most active at the answer position of the refusal-trained question
     _, cache = organism.model.run_with_cache(organism.model.to_tokens(REFUSED))
     latents = torch.argsort(sae.encode(cache[HOOK])[0, -1], descending=True)[:4].tolist()
-    start = time.perf_counter()
     args = ["ablate", "--sae", str(sae_dir), *(a for j in latents for a in ("--latent", str(j))), "--prompt", KNOWN,
             "--prompt", REFUSED, "--max-new-tokens", "12"]  # fmt: skip
-    assert main(args) == 0
-    elapsed = time.perf_counter() - start
+    assert main(args) == 0  # its time: benchmarks/bench_cli.py
     printed = capsys.readouterr().out
-    assert elapsed < 20, elapsed
     assert f"prompt: {KNOWN}" in printed and f"prompt: {REFUSED}" in printed and "error term kept" in printed
     assert "baseline" in printed and "ablated (set to 0)" in printed and "refusal prob" in printed
     base, abl = row_of(printed, "baseline"), row_of(printed, "ablated")
