@@ -7,6 +7,12 @@ Prints the hallucinated / correct value-token counts per entity split; the neste
 `token_hallucination` signal gate's probe: hook chosen inside each training fold, 5 folds grouped by entity)
 and top-1 AUROC, overall and per hook; per split, that split's hallucinated tokens against every correct token
 (the probe's out-of-fold scores and top-1); and the answer verdicts per split.
+
+Then two ceilings, scored on the same tokens with the world's truth (no model involved): an *entity oracle* that
+knows which claim subjects were in training (known or partial entities) and a *fact oracle* that knows which
+(subject, attribute) facts were (`Entity.trained_attributes`); tokens that state an untrained fact correctly
+("lucky-correct": a guess that happens to be right) cap both. And whether familiarity is readable where the
+tokens are produced: the same nested probe trained on unknown- vs known-entity value tokens, whatever their class.
 """
 
 from __future__ import annotations
@@ -55,6 +61,28 @@ def main(folder: str) -> None:
               f"top-1 {auroc(top1[idx], halluc[idx]):.3f}")  # fmt: skip
     verdicts = collections.Counter((a.item.split, a.grade.verdict) for a in answers if a.item.kind == "question")
     print("question verdicts:", dict(sorted(verdicts.items())))
+
+    entities = org.world.by_name
+    subject = [entities.get(c.subject) for a in answers for c in a.grade.claims for j in range(*c.value_tokens)
+               if a.grade.classes[j] in ("correct", "hallucinated")]  # fmt: skip
+    attribute = [c.attribute for a in answers for c in a.grade.claims for j in range(*c.value_tokens)
+                 if a.grade.classes[j] in ("correct", "hallucinated")]  # fmt: skip
+    unfamiliar = torch.tensor([e is None or e.split not in ("known", "partial") for e in subject], dtype=torch.float64)
+    untrained = torch.tensor([e is None or att not in e.trained_attributes() for e, att in zip(subject, attribute)],
+                             dtype=torch.float64)  # fmt: skip
+    lucky = int(((untrained > 0) & ~halluc).sum())
+    wrong_known = int(((untrained == 0) & halluc).sum())
+    print(f"ceilings on the same tokens: entity oracle {auroc(unfamiliar, halluc):.3f}, fact oracle "
+          f"{auroc(untrained, halluc):.3f} ({lucky} lucky-correct tokens on untrained facts, {wrong_known} "
+          f"hallucinated tokens on trained facts)")  # fmt: skip
+    keep = [i for i, e in enumerate(subject) if e is not None and e.split in ("known", "unknown")]
+    if keep:
+        idx = torch.tensor(keep)
+        is_unknown = torch.tensor([subject[i].split == "unknown" for i in keep])
+        fam = cross_validate_select({k: v[idx] for k, v in feats.items()}, is_unknown, [groups[i] for i in keep],
+                                    l2_grid=L2_GRID, k=5, inner_k=3, seed=0)  # fmt: skip
+        print(f"familiarity where the tokens are produced: unknown- vs known-entity value tokens "
+              f"({int(is_unknown.sum())} / {int((~is_unknown).sum())}), nested probe {fam.nested.auroc:.3f}")
 
 
 if __name__ == "__main__":

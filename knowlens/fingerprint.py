@@ -19,6 +19,17 @@ from typing import Any
 
 SAMPLE = 4096
 _CACHE: weakref.WeakKeyDictionary[Any, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+_SHAPES: weakref.WeakKeyDictionary[Any, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def _version_key(model: Any) -> tuple | None:
+    """Every parameter's and buffer's name, storage and in-place version counter (cheaper than a state dict), or
+    None where a tensor has no version counter (inference tensors) or the model is not a torch module."""
+    try:
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        return tuple((k, v.data_ptr(), v._version) for k, v in tensors)
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def weights_fingerprint(model: Any) -> str:
@@ -26,15 +37,11 @@ def weights_fingerprint(model: Any) -> str:
 
     Cached per model until a tensor is replaced or changed in place (torch's version counters).
     """
-    state = model.state_dict()
-    try:
-        key = tuple((k, v.data_ptr(), v._version) for k, v in state.items())
-    except RuntimeError:  # inference tensors have no version counter: no caching
-        key = None
+    key = _version_key(model)
     cached = _CACHE.get(model) if key is not None else None
     if cached is not None and cached[0] == key:
         return cached[1]
-    digest = _hash_state(state)
+    digest = _hash_state(model.state_dict())
     if key is not None:
         _CACHE[model] = (key, digest)
     return digest
@@ -61,8 +68,15 @@ def _hash_state(state: dict[str, Any]) -> str:
 
 def shape_fingerprint(model: Any) -> str:
     """16 hex digits over the state dict's names and shapes: equal for every model of one architecture."""
+    key = _version_key(model)
+    cached = _SHAPES.get(model) if key is not None else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
     shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in sorted(model.state_dict().items()))
-    return hashlib.sha256(shapes.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(shapes.encode()).hexdigest()[:16]
+    if key is not None:
+        _SHAPES[model] = (key, digest)
+    return digest
 
 
 def model_identity(model: Any, name: str | None = None) -> dict[str, str]:

@@ -140,7 +140,7 @@ class LoadedProbe:
     mean: Float[Tensor, " d"]
     std: Float[Tensor, " d"]
     sae: Any = None
-    _moved: dict[tuple[str, torch.dtype], tuple[Tensor, ...]] = field(default_factory=dict, repr=False)
+    _moved: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def model(self) -> dict[str, Any]:
@@ -153,7 +153,7 @@ class LoadedProbe:
     def decision(self, features: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch"]:
         """``z``: the linear output on feature rows (the logit for a logistic probe, the prediction for ridge)."""
         dtype = torch.float32 if features.device.type == "mps" else torch.float64
-        key = (str(features.device), dtype)
+        key = (features.device, dtype)
         if key not in self._moved:
             self._moved[key] = tuple(t.to(features.device, dtype) for t in (self.weight, self.bias, self.mean, self.std))
         w, b, mu, sd = self._moved[key]
