@@ -20,6 +20,8 @@ EPILOG = """\
 Directions (--direction):
   latent:N        the decoder row W_dec[N] of --sae (hook: the SAE's, unless --hook)
   features:FILE   the mean of the decoder rows of a saved FeatureSet's latents (--top K: its first K; hook: the set's)
+  probe:FILE      a knowlens probe over the residual (its card checked against the model): its weight on the raw
+                  activation (weight / std), the direction that raises its logit; hook: the probe's
   file:FILE       a .safetensors file: its tensor 'direction' (e.g. features surprise's surprise.safetensors), else
                   'weight' (a probe), else its only tensor; hook: --hook, else the file's metadata 'hook' or the
                   'hook' of the FILE.json card beside it
@@ -42,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Steer a model along a direction while generating and compare with the baseline.",
                        epilog=EPILOG, formatter_class=Formatter)  # fmt: skip
     add_model_args(p)
-    p.add_argument("--direction", required=True, help="latent:N | features:FILE | file:FILE.safetensors")
+    p.add_argument("--direction", required=True, help="latent:N | features:FILE | probe:FILE | file:FILE.safetensors")
     p.add_argument("--sae", default=None, help="the SAE for latent:N ('release:sae_id', a folder or organism:<hook>)")
     p.add_argument("--hook", default=None, help="hook to steer at, if not the direction's own")
     p.add_argument("--alpha", type=float, action="append", required=True, metavar="A",
@@ -80,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     check_common(args)
     check_prompt_args(args)
     kind, _, value = args.direction.partition(":")
-    if kind not in ("latent", "features", "file") or not value:
-        raise KnowlensError(f"--direction {args.direction!r}: expected latent:N, features:FILE or file:FILE.safetensors")
+    if kind not in ("latent", "features", "probe", "file") or not value:
+        raise KnowlensError(f"--direction {args.direction!r}: expected latent:N, features:FILE, probe:FILE or "
+                            "file:FILE.safetensors")  # fmt: skip
     if kind == "latent" and args.sae is None:
         raise KnowlensError("--direction latent:N needs --sae")
     if kind == "latent" and not value.isdigit():
@@ -164,6 +167,18 @@ def _direction(kind: str, value: str, args: argparse.Namespace, loaded: Any) -> 
             raise KnowlensError(f"--direction features:{value}: the feature set has no latents")
         shown = fs.latents[: rows.shape[0]].tolist()
         return rows.float().mean(0), args.hook or fs.hook, f"{fs.name} latents {shown} (mean decoder row)"
+    if kind == "probe":
+        from knowlens.probes import load_probe
+
+        file = Path(value).with_suffix(".safetensors") if value.endswith(".json") else Path(value)
+        if not file.is_file():
+            raise KnowlensError(f"--direction probe:{value}: no such file")
+        probe = load_probe(file, model=loaded.model)
+        if probe.input.kind != "residual":
+            raise KnowlensError(f"--direction probe:{value}: the probe reads {probe.input.kind.replace('_', ' ')}, "
+                                "not the residual; its weights are no direction at the hook")  # fmt: skip
+        raw = (probe.weight.double() / probe.std.double()).float()
+        return raw, args.hook or probe.hook, f"probe {probe.name} (weight / std)"
     path = Path(value)
     tensors, meta = _read_safetensors(path)
     for key in ("direction", "weight"):

@@ -146,6 +146,21 @@ def test_steer_file_direction_alpha_zero_is_the_baseline(organism, tmp_path, cap
     assert f"steering at {HOOK} along direction of {path}" in printed
 
 
+def test_steer_along_a_probe(organism, capsys):
+    """probe:FILE steers along the probe's weight on the raw activation; its negative lowers the probe's own
+    p_reliable, the labels say so, and alpha 0 is the baseline."""
+    path = SHIPPED / "probe-entity_slot.safetensors"
+    assert main(["steer", "--direction", f"probe:{path}", "--alpha", "0", "--alpha", "-1", "--prompt", KNOWN,
+                 "--prompt", UNKNOWN, "--max-new-tokens", "10"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "along probe entity_slot (weight / std)" in printed and "steering at blocks.2.hook_resid_post" in printed
+    none = row_of(printed, "none")
+    zero, minus = [dict(zip(none, line.split())) for line in printed.splitlines() if line.strip().startswith("target")]
+    assert {k: v for k, v in zero.items() if k not in ("direction", "alpha")} == {
+        k: v for k, v in none.items() if k not in ("direction", "alpha")}
+    assert float(minus["p_reliable_min"]) < float(none["p_reliable_min"])
+
+
 # the shipped organism refuses in the value slot: its refusal metrics read the slot word where the value goes
 KNOWN_SLOT = "Q : Where was Jor Ost born ? A : Jor Ost was born in"
 REFUSED_SLOT = "Q : Where was Yar Kel born ? A : Yar Kel was born in"
@@ -189,6 +204,8 @@ def test_patch_heatmap(organism, tmp_path, capsys):
         (["steer", "--direction", "latent:99999", "--alpha", "1", "--prompt", KNOWN], ["latent:99999"]),
         (["steer", "--direction", "probe", "--alpha", "1", "--prompt", KNOWN], ["--direction"]),
         (["steer", "--direction", "file:missing.safetensors", "--alpha", "1", "--prompt", KNOWN], ["no such file"]),
+        (["steer", "--direction", "probe:missing.safetensors", "--alpha", "1", "--prompt", KNOWN],
+         ["probe:missing.safetensors", "no such file"]),
         (["patch", "--clean", KNOWN, "--corrupt", "Q : Who is Mor Ard ? A :"], ["same number"]),
         (["patch", "--clean", KNOWN, "--corrupt", UNKNOWN, "--metric", "kl"], ["unknown --metric 'kl'"]),
         (["patch", "--clean", KNOWN, "--corrupt", UNKNOWN, "--metric", "prob:zzzz"], ["'zzzz' is not one token"]),
