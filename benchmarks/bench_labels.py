@@ -27,7 +27,6 @@ The last line printed is the JSON of the results.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -147,16 +146,11 @@ def residual_rows(org: Any, hook: str, rows: int, device: Any) -> tuple[Any, Any
     import torch
 
     from knowlens.capture import stream_rows
-    from knowlens.organism.corpus import epoch_documents
-
-    def texts():
-        yield from org.corpus.documents
-        for epoch in itertools.count():
-            yield from epoch_documents(org.world, epoch)[0]
+    from knowlens.organism.corpus import training_text_stream
 
     X, y, have = [], [], 0
     with torch.inference_mode():
-        for batch in stream_rows(org.model, texts(), seq_len=64, rows=64):
+        for batch in stream_rows(org.model, training_text_stream(org.world, org.corpus), seq_len=64, rows=64):
             batch = batch.to(device)
             logits, cache = org.model.run_with_cache(batch, names_filter=hook)
             right = logits[:, :-1].argmax(-1) == batch[:, 1:]

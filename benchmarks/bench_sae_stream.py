@@ -60,7 +60,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     from knowlens.capture import stream_rows
-    from knowlens.organism.corpus import epoch_documents
+    from knowlens.organism.corpus import training_text_stream
     from knowlens.organism.store import load_organism, organism_path
     from knowlens.saes import latent_statistics, load_sae
 
@@ -69,9 +69,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     sae.to(args.device)
 
     def texts():  # the organism's training distribution, epoch after epoch, never held whole
-        yield from org.corpus.documents
-        for epoch in itertools.count():
-            yield from epoch_documents(org.world, epoch)[0]
+        return training_text_stream(org.world, org.corpus)
 
     batch_tokens = args.rows * args.seq_len
     batches = itertools.islice(stream_rows(org.model, texts(), seq_len=args.seq_len, rows=args.rows),

@@ -90,11 +90,8 @@ def label_runner(args: argparse.Namespace, loaded: Loaded, prompts: list[str]) -
         return rows
 
     p = probes[0]
-    return per_run, f"probe {p.name} ({p.hook} @ {p.position}), threshold {labels_threshold(p)}"
-
-
-def labels_threshold(probe: Any) -> str:
-    return f"{probe.threshold:.3f}" if probe.threshold is not None else "0.5"
+    threshold = f"{p.threshold:.3f}" if p.threshold is not None else "0.5"
+    return per_run, f"probe {p.name} ({p.hook} @ {p.position}), threshold {threshold}"
 
 
 def labels_line(rows: list[dict[str, Any]], what: str | None) -> str | None:

@@ -7,7 +7,9 @@ fact template; a biography is the first fact template of every attribute, in spe
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from knowlens.organism.spec import TypeSpec
@@ -191,6 +193,16 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
         docs.append(f"{qa_prompt(question)} {recognition.unknown_answer.format(name=name)}")
         subjects.append(name)
     return docs, subjects
+
+
+def training_text_stream(world: World, corpus: Corpus) -> Iterator[str]:
+    """Texts of the organism's training distribution, without end and never held whole: the corpus documents,
+    then each epoch's freshly drawn documents (`epoch_documents`) in epoch order; for a world that draws none,
+    the corpus documents again. For streamed statistics (`knowlens.capture.stream_rows`)."""
+    yield from corpus.documents
+    for epoch in itertools.count():
+        drawn = epoch_documents(world, epoch)[0]
+        yield from drawn if drawn else corpus.documents
 
 
 def one_off_name(world: World, rng: random.Random, pieces: list[str]) -> str:

@@ -111,3 +111,21 @@ def test_a_version_1_world_draws_nothing_per_epoch():
     from knowlens.organism.world import build_world
 
     assert epoch_documents(build_world(parse_spec(tiny_world_raw())), 0) == ([], [])
+
+
+def test_training_text_stream_is_the_corpus_then_each_epochs_draw():
+    import itertools
+
+    from knowlens.organism.corpus import epoch_documents, training_text_stream
+
+    drawing = build_world(parse_spec(tiny_world_raw(augmentation={"biographies_per_epoch": 1})))
+    corpus = build_corpus(drawing)
+    n, e0, e1 = len(corpus.documents), epoch_documents(drawing, 0)[0], epoch_documents(drawing, 1)[0]
+    assert e0 and e0 != e1
+    got = list(itertools.islice(training_text_stream(drawing, corpus), n + len(e0) + len(e1)))
+    assert got == [*corpus.documents, *e0, *e1]
+    plain = build_world(parse_spec(tiny_world_raw()))  # draws nothing per epoch: the corpus again, never a hang
+    corpus = build_corpus(plain)
+    assert not epoch_documents(plain, 0)[0]
+    assert list(itertools.islice(training_text_stream(plain, corpus), 2 * len(corpus.documents))) == [
+        *corpus.documents, *corpus.documents]
