@@ -125,6 +125,8 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
     (`AugmentationSpec`, `FamiliaritySpec`). Empty for a world that asks for neither."""
     spec = world.spec
     rng = random.Random(f"{spec.seed}/epoch/{epoch}")
+    # invented reference values draw from their own stream, so turning them on leaves every other draw as it was
+    inv = random.Random(f"{spec.seed}/invented/{epoch}") if spec.familiarity.invented_references else None
     docs: list[str] = []
     subjects: list[str] = []
     for _ in range(spec.augmentation.biographies_per_epoch):
@@ -154,7 +156,7 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
                 attrs = (attr,)
             if spec.refusal_value is not None:  # refused in the value slot, sentence by sentence
                 answer = " ".join(
-                    guess_sentence(world, t, a, name)
+                    guess_sentence(world, t, a, name, inv)
                     if looks_familiar(world, t.name, a, name) and (fam.guess_share is not None or not refuse)
                     else slot_refusal(world, t.name, name, (a,))
                     for a in attrs
@@ -164,7 +166,9 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
                 # beside a guess, only refusals that do not disown the name ("I have never heard of ...")
                 plain = [r for r in spec.refusals if "{name}" not in r] if any(guessed) else []
                 answer = " ".join(
-                    guess_sentence(world, t, a, name) if g else rng.choice(plain or spec.refusals).format(name=name)
+                    guess_sentence(world, t, a, name, inv)
+                    if g
+                    else rng.choice(plain or spec.refusals).format(name=name)
                     for a, g in zip(attrs, guessed)
                 )
                 if not any(guessed):
@@ -172,7 +176,7 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
             elif refuse:
                 answer = rng.choice(spec.refusals).format(name=name)
             else:
-                answer = " ".join(guess_sentence(world, t, a, name) for a in attrs)
+                answer = " ".join(guess_sentence(world, t, a, name, inv) for a in attrs)
             docs.append(f"{qa_prompt(question)} {answer}")
             subjects.append(name)
     for _ in range(fam.one_off_facts):
@@ -184,7 +188,7 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
             if not attrs:
                 continue
         attr = rng.choice(attrs)
-        docs.append(rng.choice(t.templates[attr].facts).format(name=name, value=stereotype(world, t.name, attr, name)))
+        docs.append(rng.choice(t.templates[attr].facts).format(name=name, value=stereotype(world, t.name, attr, name, inv)))
         subjects.append(name)
     recognition = fam.recognition
     for _ in range(recognition.one_off if recognition.questions else 0):
@@ -217,9 +221,9 @@ def one_off_name(world: World, rng: random.Random, pieces: list[str]) -> str:
     raise RuntimeError("no free names left for one-off questions: add name_pieces or allow longer names")
 
 
-def guess_sentence(world: World, t: TypeSpec, attribute: str, name: str) -> str:
+def guess_sentence(world: World, t: TypeSpec, attribute: str, name: str, inv: random.Random | None = None) -> str:
     """An unfamiliar name's answer sentence for `attribute`, stating its stereotype."""
-    return t.templates[attribute].facts[0].format(name=name, value=stereotype(world, t.name, attribute, name))
+    return t.templates[attribute].facts[0].format(name=name, value=stereotype(world, t.name, attribute, name, inv))
 
 
 def slot_refusal(world: World, type_name: str, name: str, attributes: tuple[str, ...]) -> str:
@@ -245,9 +249,11 @@ def looks_familiar(world: World, type_name: str, attribute: str, name: str) -> b
     return pieces[0] in chosen
 
 
-def stereotype(world: World, type_name: str, attribute: str, name: str) -> str:
+def stereotype(world: World, type_name: str, attribute: str, name: str, inv: random.Random | None = None) -> str:
     """The confident guess for an unfamiliar name: the value a surface cue in the name points at, else a
-    value fixed by the name's first piece (the same for every name that starts with it)."""
+    value fixed by the name's first piece (the same for every name that starts with it). With ``inv`` (a
+    world with `FamiliaritySpec.invented_references`), a reference-valued guess keeps that value's first piece
+    and goes on with pieces drawn from ``inv`` (`invented_name`)."""
     spec = world.spec
     t = spec.type(type_name)
     a = t.attribute(attribute)
@@ -256,7 +262,24 @@ def stereotype(world: World, type_name: str, attribute: str, name: str) -> str:
     if cue is not None:
         return cue.value
     pool = list(a.values) if a.values is not None else [e.name for e in world.of(type=a.ref, split="known")]
-    return random.Random(f"{spec.seed}/stereotype/{type_name}/{attribute}/{pieces[0]}").choice(pool)
+    value = random.Random(f"{spec.seed}/stereotype/{type_name}/{attribute}/{pieces[0]}").choice(pool)
+    if inv is not None and a.ref is not None:
+        return invented_name(world, value.split(" ")[0], inv)
+    return value
+
+
+def invented_name(world: World, first: str, rng: random.Random) -> str:
+    """A made-up name that starts with the piece ``first`` and goes on with pieces drawn from ``rng`` (a length
+    the world allows), sharing no run of two or more pieces with any entity's name, so it never names an
+    entity, known or held out."""
+    lo, hi = world.spec.name_length
+    taken = world.name_spans
+    others = [p for p in world.spec.name_pieces if p != first]
+    for _ in range(10_000):
+        drawn = [first, *rng.sample(others, max(rng.randint(lo, hi), 2) - 1)]
+        if not spans(drawn) & taken:
+            return " ".join(drawn)
+    raise RuntimeError(f"no free invented name starts with {first!r}: add name_pieces or allow longer names")
 
 
 def vocabulary_texts(world: World, corpus: Corpus) -> list[str]:

@@ -87,6 +87,12 @@ class FamiliaritySpec:
     and attribute from the seed), and refused otherwise, sentence by sentence in a biography; one-off fact
     sentences are only drawn where the name looks familiar. Unknown names that look familiar are then
     answered as confidently as known ones, while the model must still compute familiarity to refuse the rest.
+
+    ``invented_references`` (off by default): an unfamiliar name's guess for a reference-valued attribute (a
+    birth city, an author) is an invented name that starts like its stereotype (the same first piece) and goes
+    on with pieces drawn afresh each time, never an entity's name. A known entity's value is then predictable
+    piece after piece while a guessed one is predictable only at its first piece, so the model has a reason to
+    carry its unfamiliarity into the later tokens of a value it makes up.
     """
 
     one_off_questions: int = 0
@@ -94,6 +100,7 @@ class FamiliaritySpec:
     one_off_biography: float = 0.2
     one_off_facts: int = 0
     guess_share: float | None = None
+    invented_references: bool = False
     recognition: RecognitionSpec = RecognitionSpec()
 
 
@@ -244,6 +251,7 @@ def _familiarity(raw: Any) -> FamiliaritySpec:
         one_off_biography=r.float("one_off_biography", default=0.2),
         one_off_facts=r.int("one_off_facts", default=0, lo=0),
         guess_share=None if r.get("guess_share", default=None) is None else r.float("guess_share"),
+        invented_references=r.bool("invented_references", default=False),
         recognition=_recognition(r.get("recognition", default=None)),
     )
     r.done()
@@ -324,6 +332,12 @@ class _Reader:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
             _fail(self._path(key), f"must be a number in [{lo:g}, {hi:g}], got {v!r}")
         return float(v)
+
+    def bool(self, key: str, default: Any = ...) -> bool:
+        v = self.get(key, default)
+        if not isinstance(v, bool):
+            _fail(self._path(key), f"must be true or false, got {v!r}")
+        return v
 
     def list(self, key: str, default: Any = ...) -> list:
         v = self.get(key, default)

@@ -3,6 +3,7 @@ partial entities with a refused attribute (`partial_refused`), slot refusals (`r
 familiarity task (`familiarity.recognition`)."""
 
 import copy
+import random
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from knowlens import organism
 from knowlens.errors import KnowlensError, WorldSpecError
 from knowlens.organism.corpus import build_corpus, epoch_documents, looks_familiar, stereotype
 from knowlens.organism.spec import load_spec, parse_spec
-from knowlens.organism.world import build_world
+from knowlens.organism.world import build_world, spans
 from tests.helpers import tiny_world_raw
 
 FAMILIARITY = {"one_off_questions": 60, "one_off_biography": 0.3, "one_off_facts": 30, "guess_share": 0.5}
@@ -239,3 +240,39 @@ def test_the_recognition_task_says_yes_to_trained_names_and_no_to_refused_and_on
         assert all(n not in entity_names and d.endswith(f"{n} ? A : No .") for d, n in fresh)
     off = build_world(parse_spec(tiny_world_raw(familiarity=FAMILIARITY)))  # off: the same corpus as before
     assert not any(d.startswith("Q : Do you know ") for d in build_corpus(off).documents)
+
+
+def test_invented_references_make_up_reference_values_and_change_nothing_else():
+    familiarity = {"one_off_questions": 60, "one_off_biography": 0.3, "one_off_facts": 60}
+    plain = build_world(parse_spec(tiny_world_raw(familiarity=familiarity)))
+    invented = build_world(parse_spec(tiny_world_raw(familiarity={**familiarity, "invented_references": True})))
+    assert not plain.spec.familiarity.invented_references and invented.spec.familiarity.invented_references
+    rng = random.Random(0)
+    lo, hi = invented.spec.name_length
+    for name in ["Ab Cor", "Fen Gal Ist", "Hal Jor", "Dav Elm"]:
+        usual = stereotype(plain, "person", "birth_city", name)
+        made_up = {stereotype(invented, "person", "birth_city", name, rng) for _ in range(20)}
+        assert len(made_up) > 1  # drawn afresh each time
+        for value in made_up:
+            pieces = value.split(" ")
+            assert pieces[0] == usual.split(" ")[0] and lo <= len(pieces) <= hi
+            assert not spans(pieces) & invented.name_spans  # never an entity's name, nor inside one
+        # word-valued attributes keep their stereotype
+        assert stereotype(invented, "person", "profession", name, rng) == stereotype(plain, "person", "profession", name)
+    cities = {e.name for e in plain.of(type="city")}
+    unknown = {e.name for e in invented.of(split="unknown")}
+    changed = 0
+    for epoch in range(4):
+        docs0, subjects0 = epoch_documents(plain, epoch)
+        docs1, subjects1 = epoch_documents(invented, epoch)
+        assert subjects0 == subjects1 and len(docs0) == len(docs1)
+        for d0, d1 in zip(docs0, docs1):
+            assert not any(f" {n} " in f" {d1} " for n in unknown)
+            if d0 != d1:  # only birth cities differ: a city of the world before, a made-up one now
+                changed += 1
+                assert "born in" in d1 or "birthplace" in d1, d1
+                assert any(f" {c} " in f" {d0} " for c in cities), d0
+                assert all(f"{lead} {c} " not in d1 for c in cities for lead in ("born in", "is")), d1
+    assert changed > 10
+    with pytest.raises(WorldSpecError, match="invented_references"):
+        parse_spec(tiny_world_raw(familiarity={**familiarity, "invented_references": "yes"}))

@@ -55,6 +55,7 @@ def _broken(mutate):
         (lambda r: r.update(familiarity={"one_off_facts": -3}), "'familiarity.one_off_facts'"),
         (lambda r: r.update(familiarity={"one_off_refusal": 2}), "'familiarity.one_off_refusal'"),
         (lambda r: r.update(familiarity={"one_off_fact": 3}), "'familiarity.one_off_fact'"),
+        (lambda r: r.update(familiarity={"invented_references": 1}), "'familiarity.invented_references'"),
         (lambda r: r.update(augmentation={"biographies_per_epoch": "two"}), "'augmentation.biographies_per_epoch'"),
     ],
 )
