@@ -13,6 +13,7 @@ knows which claim subjects were in training (known or partial entities) and a *f
 (subject, attribute) facts were (`Entity.trained_attributes`); tokens that state an untrained fact correctly
 ("lucky-correct": a guess that happens to be right) cap both. And whether familiarity is readable where the
 tokens are produced: the same nested probe trained on unknown- vs known-entity value tokens, whatever their class.
+Last, the same figures for values' first tokens and for their later tokens (the rest of a multi-token value).
 """
 
 from __future__ import annotations
@@ -83,6 +84,30 @@ def main(folder: str) -> None:
                                     l2_grid=L2_GRID, k=5, inner_k=3, seed=0)  # fmt: skip
         print(f"familiarity where the tokens are produced: unknown- vs known-entity value tokens "
               f"({int(is_unknown.sum())} / {int((~is_unknown).sum())}), nested probe {fam.nested.auroc:.3f}")
+
+    # A value's first token against its later ones (the later pieces of a multi-token value such as a birth
+    # city): the gate probe's scores on each, a probe fitted on each alone, and familiarity readable on each.
+    first = [j == c.value_tokens[0] for a in answers for c in a.grade.claims for j in range(*c.value_tokens)
+             if a.grade.classes[j] in ("correct", "hallucinated")]  # fmt: skip
+    for what, part in (("first", True), ("later", False)):
+        idx = [i for i, f in enumerate(first) if f == part]
+        h = halluc[idx]
+        if not idx or int(h.sum()) in (0, len(idx)):
+            continue
+        t = torch.tensor(idx)
+        own = cross_validate_select({k: v[t] for k, v in feats.items()}, h, [groups[i] for i in idx],
+                                    l2_grid=L2_GRID, k=5, inner_k=3, seed=0)  # fmt: skip
+        line = (f"{what} value tokens ({int(h.sum())} hallucinated / {int((~h).sum())} correct): gate probe "
+                f"{auroc(scores[t], h):.3f}, top-1 {auroc(top1[t], h):.3f}, a probe fitted on them alone "
+                f"{own.nested.auroc:.3f}")  # fmt: skip
+        kept = [i for i in idx if subject[i] is not None and subject[i].split in ("known", "unknown")]
+        is_unknown = torch.tensor([subject[i].split == "unknown" for i in kept])
+        if kept and 0 < int(is_unknown.sum()) < len(kept):
+            tk = torch.tensor(kept)
+            fam = cross_validate_select({k: v[tk] for k, v in feats.items()}, is_unknown, [groups[i] for i in kept],
+                                        l2_grid=L2_GRID, k=5, inner_k=3, seed=0)  # fmt: skip
+            line += f", familiarity (unknown vs known subject) {fam.nested.auroc:.3f}"
+        print(line)
 
 
 if __name__ == "__main__":

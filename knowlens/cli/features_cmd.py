@@ -226,11 +226,20 @@ def run_entity_known(args: argparse.Namespace) -> int:
         rows = [{"where": k, "overlap": f"{v['overlap']}/{len(v['free_top'])}",
                  "top free latent AUROC": _num(v["free_auroc"][0] if v["free_auroc"] else None),
                  "best free AUROC": _num(max((x for x in v["free_auroc"] if x is not None), default=None)),
-                 "top truth latent AUROC": _num(v["truth_auroc"][0] if v["truth_auroc"] else None)}
+                 "top truth latent AUROC": _num(v["truth_auroc"][0] if v["truth_auroc"] else None),
+                 "top free latent, all unused": _ci(v["free_top_auroc_all"], v["free_top_auroc_all_ci"])}
                 for k, v in f["by"].items()]  # fmt: skip
         _table(rows, list(rows[0]))
+        print(f"(all unused: every true entity the exemplar-free sets did not use, {f['n_eval_all']['known']} known / "
+              f"{f['n_eval_all']['unknown']} unknown, with a bootstrap 95% interval)")  # fmt: skip
     print(f"\nwritten to {out}/ (FeatureSets, report.html{', truth.json' if truth is not None else ''})")
     return 0
+
+
+def _ci(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
 
 
 def _entity_report(model: Any, sae: Any, found: dict, truth: Any, path: Path) -> None:

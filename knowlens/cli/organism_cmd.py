@@ -8,7 +8,7 @@ import json
 import sys
 
 TRAIN_DEFAULTS = {"epochs": 450}  # TrainConfig's default; kept in step by a test (the CLI imports no torch for --help)
-SAE_DEFAULTS = {"steps": 3000, "k": 32, "expansion": 8, "batch_tokens": 1024}  # SaeTrainConfig's; kept in step by a test
+SAE_DEFAULTS = {"steps": 3000, "k": 32, "expansion": 8, "batch_tokens": 1024, "seed": 0}  # SaeTrainConfig's; kept in step by a test
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -83,6 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--k", type=int, default=SAE_DEFAULTS["k"], help="latents active per token (TopK)")
     s.add_argument("--d-sae", type=int, default=None,
                    help=f"latents per SAE (default: {SAE_DEFAULTS['expansion']} x the hook's width)")
+    s.add_argument("--seed", type=int, default=SAE_DEFAULTS["seed"], help="seed for initialisation and data order")
     s.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)")
     s.add_argument("--overwrite", action="store_true", help="replace SAEs already in --out for these hooks")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -172,7 +173,7 @@ def run_train_saes(args: argparse.Namespace) -> int:
         train_organism_saes,
     )
 
-    config = SaeTrainConfig(steps=args.steps, k=args.k, d_sae=args.d_sae)
+    config = SaeTrainConfig(steps=args.steps, k=args.k, d_sae=args.d_sae, seed=args.seed)
     path = organism_path(args.model)
     torch.set_num_threads(args.threads)
     org = load_organism(path)

@@ -57,7 +57,7 @@ from knowlens.saes.activations import (
 from knowlens.saes.contrast import Contrast, EntitySet, _check_template
 from knowlens.saes.features import FeatureSet
 from knowlens.saes.frames import AnswerFrames
-from knowlens.saes.stats import auroc, welch_t
+from knowlens.saes.stats import auroc, auroc_interval, welch_t
 from knowlens.types import Bool, Float, Int, Tensor
 
 POSITIONS = ("name", "answer", "slot")
@@ -406,7 +406,9 @@ def compare_with_truth(
 ) -> TruthComparison:
     """Run `locate_entity_known` with ``found``'s parameters on ``world``'s true known and unknown entities
     (typed); per (position, direction) report the overlap of the two top lists and each top latent's AUROC on the
-    truth's held-out entities that ``found``'s contrast sets did not use (both lists scored on the same ones)."""
+    truth's held-out entities that ``found``'s contrast sets did not use (both lists scored on the same ones); and
+    each exemplar-free top latent's AUROC, with a bootstrap 95% interval, on every true known and unknown entity
+    the contrast sets did not use (``free_top_auroc_all``, ``n_eval_all``)."""
     first = next(iter(found.values()))
     p = first.params
     slots = slot_templates_of(found)
@@ -443,7 +445,27 @@ def compare_with_truth(
             "free_heldout_auroc_own": [_none(v) for v in fs.heldout_auroc.tolist()],
             "truth_heldout_auroc_own": [_none(v) for v in tr.heldout_auroc.tolist()],
         }  # fmt: skip
+    # The exemplar-free search saw no true label, so every true entity outside its contrast sets is held out for
+    # its top latent: scored on all of them too, with a bootstrap interval (the halves above are for comparing
+    # with the truth-derived pick, which needs half of the truth to pick on).
+    every_eval = {s: [e.name for e in es if e.name not in used] for s, es in zip(DIRECTIONS, sides)}
+    all_names = every_eval["known"] + every_eval["unknown"]
+    all_known = torch.tensor([True] * len(every_eval["known"]) + [False] * len(every_eval["unknown"]))
+    tops = sorted({int(fs.latents[0]) for fs in found.values() if len(fs.latents)})
+    acts_all = entity_activations(model, sae, all_names, templates=p["templates"], latents=tops,
+                                  batch_size=batch_size, slot_templates=slots) if tops and all_names else {}  # fmt: skip
+    for (pos, direction), fs in found.items():
+        row = by[f"{pos}/{direction}"]
+        if not len(fs.latents) or not acts_all:
+            row["free_top_auroc_all"], row["free_top_auroc_all_ci"] = None, None
+            continue
+        target = all_known if direction == "known" else ~all_known
+        score = acts_all[pos].double().mean(1)[:, tops.index(int(fs.latents[0]))]
+        lo, hi = auroc_interval(score, target, seed=p["seed"])
+        row["free_top_auroc_all"] = _none(auroc(score, target))
+        row["free_top_auroc_all_ci"] = None if math.isnan(lo) else [lo, hi]
     figures = {"n_eval": {s: len(evals[s]) for s in DIRECTIONS}, "n_truth": {s: len(x) for s, x in zip(DIRECTIONS, sides)},
+               "n_eval_all": {s: len(every_eval[s]) for s in DIRECTIONS},
                "n_eval_excluded": sum(len(held[s]) - len(evals[s]) for s in DIRECTIONS),
                "eval": "the truth's held-out entities not in the exemplar-free sets", "by": by}  # fmt: skip
     return TruthComparison(figures=figures, truth=truth)

@@ -188,6 +188,26 @@ def auroc(scores: Float[Tensor, " n"], labels: Tensor) -> float:
     return (float(ranks[y].sum()) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
+def auroc_interval(
+    scores: Float[Tensor, " n"], labels: Tensor, *, n: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of `auroc` over ``n`` bootstrap resamples of the rows, drawn within each class (one
+    row per entity: every resample keeps both classes at their sizes); NaNs when a class is missing."""
+    s, y = scores.double().flatten().cpu(), labels.bool().flatten().cpu()
+    pos, neg = torch.nonzero(y).flatten(), torch.nonzero(~y).flatten()
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan, math.nan
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.cat([torch.ones(len(pos), dtype=torch.bool), torch.zeros(len(neg), dtype=torch.bool)])
+    reps = torch.tensor([
+        auroc(torch.cat([s[pos[torch.randint(len(pos), (len(pos),), generator=gen)]],
+                         s[neg[torch.randint(len(neg), (len(neg),), generator=gen)]]]), target)
+        for _ in range(n)
+    ], dtype=torch.float64)  # fmt: skip
+    lo, hi = torch.quantile(reps, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
 def welch_t(a: Float[Tensor, "n1 m"], b: Float[Tensor, "n0 m"]) -> Float[Tensor, " m"]:
     """Welch's t of every column, ``(mean_a - mean_b) / sqrt(var_a / n1 + var_b / n0)`` (sample variances),
     float64: 0 where both means and variances are equal and zero-spread, ±inf for different constant columns,

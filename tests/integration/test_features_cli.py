@@ -71,6 +71,11 @@ def test_entity_known_exemplar_free(organism, sae_dir, tmp_path, capsys):
     assert row["overlap"] == len(set(row["free_top"]) & set(row["truth_top"]))
     assert all(v is None or 0 <= v <= 1 for v in row["free_auroc"] + row["truth_auroc"])
     assert truth["n_eval"]["known"] > 0 and truth["n_eval"]["unknown"] > 0
+    # the top exemplar-free latent scored on every true entity the contrast sets did not use, with an interval
+    assert truth["n_eval_all"]["known"] >= truth["n_eval"]["known"]
+    assert truth["n_eval_all"]["unknown"] >= truth["n_eval"]["unknown"]
+    lo, hi = row["free_top_auroc_all_ci"]
+    assert lo <= row["free_top_auroc_all"] <= hi and "all unused" in printed
     page = (out / "report.html").read_text()
     assert_self_contained(page)
     assert "top-activating contexts" in page and "Contrast sets" in page

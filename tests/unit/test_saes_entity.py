@@ -28,7 +28,7 @@ from knowlens.saes import (
 )
 from knowlens.saes.contrast import first_sentence
 from knowlens.saes.entity import entity_prompts
-from knowlens.saes.stats import auroc, welch_t
+from knowlens.saes.stats import auroc, auroc_interval, welch_t
 from tests.helpers import build_model, word_level_model
 
 KNOWN = [f"w{i} w{i + 1}" for i in range(20, 32, 2)]  # last name tokens w21, w23, ... w31
@@ -366,3 +366,22 @@ def test_entity_sets_are_checked():
     s = EntitySet(names=("A B", "C D"), types=("x", "y"), scores=(0.5, 1.0), rejected=("E F",), params={"k": 1})
     assert EntitySet.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert list(itertools.islice(s.names, 1)) == ["A B"]
+
+
+def test_auroc_interval_brackets_the_auroc_and_narrows_with_more_entities():
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(n):
+        labels = torch.arange(n) % 3 == 0
+        return torch.randn(n, generator=gen) + 1.0 * labels, labels
+
+    s, y = draw(60)
+    lo, hi = auroc_interval(s, y, n=400, seed=1)
+    assert lo < auroc(s, y) < hi and 0 <= lo and hi <= 1
+    assert auroc_interval(s, y, n=400, seed=1) == (lo, hi)  # seeded
+    s2, y2 = draw(600)
+    lo2, hi2 = auroc_interval(s2, y2, n=400, seed=1)
+    assert hi2 - lo2 < 0.6 * (hi - lo)
+    perfect = torch.arange(10.0)
+    assert auroc_interval(perfect, perfect >= 5, n=50) == (1.0, 1.0)
+    assert all(math.isnan(v) for v in auroc_interval(perfect, torch.zeros(10, dtype=torch.bool), n=50))
