@@ -8,7 +8,7 @@ import json
 import sys
 
 TRAIN_DEFAULTS = {"epochs": 450}  # TrainConfig's default; kept in step by a test (the CLI imports no torch for --help)
-SAE_DEFAULTS = {"steps": 3000, "k": 32, "expansion": 8, "batch_tokens": 1024, "seed": 0}  # SaeTrainConfig's; kept in step by a test
+SAE_DEFAULTS = {"steps": 3000, "k": 16, "expansion": 8, "batch_tokens": 1024, "seed": 0}  # SaeTrainConfig's; kept in step by a test
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

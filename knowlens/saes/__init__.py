@@ -38,6 +38,7 @@ Public API (re-exports only):
   scores (minimum over entity types), mean difference and Welch's t; the top latents for each direction after the
   generic-frequency filter, each with its AUROC on held-out entities (`knowlens.saes.entity`: definitions)
 * `entity_activations(model, sae, names, *, templates, latents=None) -> {position: (entity, template, n)}`;
+  `entity_residuals(model, hook, names, ...)`, the same positions' raw activation (a probe's input);
   `organism_templates(world)`: the world's type-free biography questions as Q/A prompt templates
 * `compare_with_truth(model, sae, world, found) -> TruthComparison`: the same locator on the world's true splits,
   top-list overlap and AUROC of both lists on true held-out entities the exemplar-free sets did not use
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
         TruthComparison,
         compare_with_truth,
         entity_activations,
+        entity_residuals,
         locate_entity_known,
         organism_templates,
     )
@@ -107,6 +109,7 @@ __all__ = [
     "answer_frames",
     "AnswerFrames",
     "entity_activations",
+    "entity_residuals",
     "organism_templates",
     "compare_with_truth",
     "TruthComparison",
@@ -138,6 +141,7 @@ _LAZY = {
     "answer_frames": "frames",
     "AnswerFrames": "frames",
     "entity_activations": "entity",
+    "entity_residuals": "entity",
     "organism_templates": "entity",
     "compare_with_truth": "entity",
     "TruthComparison": "entity",

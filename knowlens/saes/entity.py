@@ -41,6 +41,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ from knowlens.saes.activations import (
     checked_tokens,
     default_label,
     encode_latents,
+    flatten_heads,
 )
 from knowlens.saes.contrast import Contrast, EntitySet, _check_template
 from knowlens.saes.features import FeatureSet
@@ -218,6 +220,42 @@ def entity_activations(
         return enc.acts
     idx = torch.as_tensor(latents, dtype=torch.long)
     return {p: a[..., idx] for p, a in enc.acts.items()}
+
+
+def entity_residuals(
+    model: Any,
+    hook: str,
+    names: Sequence[str],
+    *,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    batch_size: int = 64,
+    slot_templates: Sequence[str] | None = None,
+) -> dict[str, Float[Tensor, "entity template d_in"]]:
+    """As `entity_activations`, the hook's activation itself (heads flattened) instead of an SAE's latents: the
+    input of a linear probe at the same positions, to compare single latents with. Leaves no hook on the model."""
+    seen: dict[str, Tensor] = {}
+
+    def shape(act: Tensor, hook: Any) -> None:
+        seen["d"] = flatten_heads(act).shape[-1]
+
+    from knowlens.capture.hooks import stop_layer_for
+
+    with model.hooks(fwd_hooks=[(hook, shape)]):
+        model(model.to_tokens("x", prepend_bos=True), stop_at_layer=stop_layer_for(model, [hook]))
+    identity = _Activation(hook, int(seen["d"]), next(iter(model.parameters())).dtype)
+    return _encode_entities(model, identity, list(names), templates, batch_size=batch_size,
+                            slot_templates=slot_templates).acts  # fmt: skip
+
+
+class _Activation:
+    """Stands in for an SAE whose latents are the hook's activation (`entity_residuals`)."""
+
+    def __init__(self, hook: str, d: int, dtype: torch.dtype):
+        self.cfg = SimpleNamespace(metadata=SimpleNamespace(hook_name=hook), d_sae=d, reshape_activations="none")
+        self.W_dec = torch.empty(0, dtype=dtype)
+
+    def encode(self, act: Tensor) -> Tensor:
+        return act
 
 
 def entity_prompts(
@@ -465,7 +503,7 @@ def compare_with_truth(
         row["free_top_auroc_all"] = _none(auroc(score, target))
         row["free_top_auroc_all_ci"] = None if math.isnan(lo) else [lo, hi]
     figures = {"n_eval": {s: len(evals[s]) for s in DIRECTIONS}, "n_truth": {s: len(x) for s, x in zip(DIRECTIONS, sides)},
-               "n_eval_all": {s: len(every_eval[s]) for s in DIRECTIONS},
+               "n_eval_all": {s: len(every_eval[s]) for s in DIRECTIONS}, "eval_all": every_eval,
                "n_eval_excluded": sum(len(held[s]) - len(evals[s]) for s in DIRECTIONS),
                "eval": "the truth's held-out entities not in the exemplar-free sets", "by": by}  # fmt: skip
     return TruthComparison(figures=figures, truth=truth)

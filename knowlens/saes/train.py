@@ -67,7 +67,7 @@ class SaeTrainConfig:
     architecture: str = "topk"
     expansion: int = 8
     d_sae: int | None = None
-    k: int = 32
+    k: int = 16
     steps: int = 3000
     batch_tokens: int = 1024
     lr: float = 4e-4

@@ -76,6 +76,10 @@ def test_entity_known_exemplar_free(organism, sae_dir, tmp_path, capsys):
     assert truth["n_eval_all"]["unknown"] >= truth["n_eval"]["unknown"]
     lo, hi = row["free_top_auroc_all_ci"]
     assert lo <= row["free_top_auroc_all"] <= hi and "all unused" in printed
+    # the ground-truth linear probe it is compared with: same hook, same entities, every position
+    assert set(truth["probe"]["by"]) == {"name", "answer", "slot"} and "ground-truth linear probe" in printed
+    assert all(0 <= v["auroc"] <= 1 and v["ci"][0] <= v["auroc"] <= v["ci"][1] for v in truth["probe"]["by"].values())
+    assert truth["eval_all"]["known"] and not set(truth["eval_all"]["known"]) & set(known["names"] + unknown["names"])
     page = (out / "report.html").read_text()
     assert_self_contained(page)
     assert "top-activating contexts" in page and "Contrast sets" in page

@@ -27,7 +27,7 @@ from knowlens.saes import (
     self_generated_entities,
 )
 from knowlens.saes.contrast import first_sentence
-from knowlens.saes.entity import entity_prompts
+from knowlens.saes.entity import entity_prompts, entity_residuals
 from knowlens.saes.stats import auroc, auroc_interval, welch_t
 from tests.helpers import build_model, word_level_model
 
@@ -385,3 +385,19 @@ def test_auroc_interval_brackets_the_auroc_and_narrows_with_more_entities():
     perfect = torch.arange(10.0)
     assert auroc_interval(perfect, perfect >= 5, n=50) == (1.0, 1.0)
     assert all(math.isnan(v) for v in auroc_interval(perfect, torch.zeros(10, dtype=torch.bool), n=50))
+
+
+def test_entity_residuals_are_the_hook_activation_at_each_position(model):
+    names = KNOWN[:3] + UNKNOWN[:2]
+    res = entity_residuals(model, HOOK, names, templates=TEMPLATES, batch_size=2)
+    assert set(res) == {"name", "answer"} and res["name"].shape == (len(names), len(TEMPLATES), 32)
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            for j, t in enumerate(TEMPLATES):
+                text = t.format(name=name)
+                _, cache = model.run_with_cache(model.to_tokens(text))
+                words = ["<bos>", *text.split()]
+                act = cache[HOOK][0]
+                torch.testing.assert_close(res["name"][i, j], act[words.index(name.split()[1])].float())
+                torch.testing.assert_close(res["answer"][i, j], act[-1].float())
+    assert hooks_left(model) == []
