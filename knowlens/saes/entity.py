@@ -233,16 +233,16 @@ def entity_residuals(
 ) -> dict[str, Float[Tensor, "entity template d_in"]]:
     """As `entity_activations`, the hook's activation itself (heads flattened) instead of an SAE's latents: the
     input of a linear probe at the same positions, to compare single latents with. Leaves no hook on the model."""
-    seen: dict[str, Tensor] = {}
+    width: dict[str, int] = {}
 
     def shape(act: Tensor, hook: Any) -> None:
-        seen["d"] = flatten_heads(act).shape[-1]
+        width["d"] = int(flatten_heads(act).shape[-1])
 
     from knowlens.capture.hooks import stop_layer_for
 
     with model.hooks(fwd_hooks=[(hook, shape)]):
         model(model.to_tokens("x", prepend_bos=True), stop_at_layer=stop_layer_for(model, [hook]))
-    identity = _Activation(hook, int(seen["d"]), next(iter(model.parameters())).dtype)
+    identity = _Activation(hook, width["d"], next(iter(model.parameters())).dtype)
     return _encode_entities(model, identity, list(names), templates, batch_size=batch_size,
                             slot_templates=slot_templates).acts  # fmt: skip
 
