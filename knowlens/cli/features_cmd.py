@@ -18,7 +18,9 @@ organism's corpus; for another model --training-texts, else unchecked). --known/
 Either side given alone is completed exemplar-free. Writes DIR/entity_known.<position>.<direction>.safetensors
 (+ .json card; load with knowlens.saes.FeatureSet.load), DIR/report.html and, on an organism, DIR/truth.json:
 the same search on the world's true known/unknown entities, the overlap of the two top lists and each top
-latent's AUROC on true held-out entities the exemplar-free sets did not use.
+latent's AUROC on true held-out entities the exemplar-free sets did not use; each exemplar-free top latent's AUROC
+on every true entity they did not use (bootstrap 95% interval), and a ground-truth logistic probe on the same
+activation, position and entities (5 folds, out of fold), with the gap between the two.
 example: knowlens features entity-known --model organism --sae organism:blocks.2.hook_resid_post --out feats/"""
 
 SURPRISE_EPILOG = """\
