@@ -200,10 +200,10 @@ def run_entity_known(args: argparse.Namespace) -> int:
                                 rank_by=args.rank_by, seed=args.seed, sae_label=label,
                                 slot_templates=frames if slots else None)  # fmt: skip
     truth = compare_with_truth(model, sae, org.world, found) if org is not None else None
-    if truth is not None:
-        truth.figures["probe"] = _truth_probe(model, sae, truth.figures["eval_all"], found, seed=args.seed)
     if not any(len(fs) for fs in found.values()):
         raise KnowlensError(f"no latent is active on at most --max-frequency {args.max_frequency} of generic tokens")
+    if truth is not None:
+        truth.figures["probe"] = _truth_probe(model, truth.figures["eval_all"], found, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     for (pos, direction), fs in found.items():
         fs.save(out / f"entity_known.{pos}.{direction}.safetensors")
@@ -249,7 +249,7 @@ def run_entity_known(args: argparse.Namespace) -> int:
     return 0
 
 
-def _truth_probe(model: Any, sae: Any, names: dict[str, list[str]], found: dict, *, seed: int) -> dict[str, Any]:
+def _truth_probe(model: Any, names: dict[str, list[str]], found: dict, *, seed: int) -> dict[str, Any]:
     """The ground-truth linear probe the top latents are compared with: per position, a logistic probe on the
     SAE's input activation (averaged over the templates, as the latents' scores are), true known vs unknown, out of
     5 folds (L2 chosen inside each), on the entities `free_top_auroc_all` is scored on, with a bootstrap interval."""
