@@ -126,7 +126,7 @@ def epoch_documents(world: World, epoch: int) -> tuple[list[str], list[str]]:
     spec = world.spec
     rng = random.Random(f"{spec.seed}/epoch/{epoch}")
     # invented reference values draw from their own stream, so turning them on leaves every other draw as it was
-    inv = random.Random(f"{spec.seed}/invented/{epoch}") if spec.familiarity.invented_references else None
+    inv = random.Random(f"{spec.seed}/invented/{epoch}") if spec.familiarity.invented_references == "drawn" else None
     docs: list[str] = []
     subjects: list[str] = []
     for _ in range(spec.augmentation.biographies_per_epoch):
@@ -251,9 +251,10 @@ def looks_familiar(world: World, type_name: str, attribute: str, name: str) -> b
 
 def stereotype(world: World, type_name: str, attribute: str, name: str, inv: random.Random | None = None) -> str:
     """The confident guess for an unfamiliar name: the value a surface cue in the name points at, else a
-    value fixed by the name's first piece (the same for every name that starts with it). With ``inv`` (a
-    world with `FamiliaritySpec.invented_references`), a reference-valued guess keeps that value's first piece
-    and goes on with pieces drawn from ``inv`` (`invented_name`)."""
+    value fixed by the name's first piece (the same for every name that starts with it). In a world with
+    `FamiliaritySpec.invented_references`, a reference-valued guess keeps that value's first piece and goes on
+    with made-up pieces (`invented_name`): drawn from ``inv`` (``"drawn"``), or fixed by that first piece
+    (``"fixed"``)."""
     spec = world.spec
     t = spec.type(type_name)
     a = t.attribute(attribute)
@@ -263,8 +264,13 @@ def stereotype(world: World, type_name: str, attribute: str, name: str, inv: ran
         return cue.value
     pool = list(a.values) if a.values is not None else [e.name for e in world.of(type=a.ref, split="known")]
     value = random.Random(f"{spec.seed}/stereotype/{type_name}/{attribute}/{pieces[0]}").choice(pool)
-    if inv is not None and a.ref is not None:
-        return invented_name(world, value.split(" ")[0], inv)
+    if a.ref is None:
+        return value
+    first = value.split(" ")[0]
+    if spec.familiarity.invented_references == "fixed":  # the same made-up name for every guess that starts so
+        return invented_name(world, first, random.Random(f"{spec.seed}/invented/{type_name}/{attribute}/{first}"))
+    if inv is not None:
+        return invented_name(world, first, inv)
     return value
 
 

@@ -11,7 +11,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -20,6 +20,8 @@ from knowlens.inputs import read_text_file
 
 SPLITS = ("known", "partial", "refusal", "unknown")
 SPEC_VERSION = 1
+# `familiarity.invented_references`: the YAML values it takes, and the mode each names
+INVENTED_REFERENCES = {False: "off", "off": "off", True: "drawn", "drawn": "drawn", "fixed": "fixed"}
 _PIECE = re.compile(r"^[A-Za-z]+$")
 
 
@@ -88,11 +90,13 @@ class FamiliaritySpec:
     sentences are only drawn where the name looks familiar. Unknown names that look familiar are then
     answered as confidently as known ones, while the model must still compute familiarity to refuse the rest.
 
-    ``invented_references`` (off by default): an unfamiliar name's guess for a reference-valued attribute (a
-    birth city, an author) is an invented name that starts like its stereotype (the same first piece) and goes
-    on with pieces drawn afresh each time, never an entity's name. A known entity's value is then predictable
-    piece after piece while a guessed one is predictable only at its first piece, so the model has a reason to
-    carry its unfamiliarity into the later tokens of a value it makes up.
+    ``invented_references`` (``"off"`` by default): an unfamiliar name's guess for a reference-valued attribute
+    (a birth city, an author) is an invented name that starts like its stereotype (the same first piece), never
+    an entity's name. ``"drawn"``: it goes on with pieces drawn afresh each time, so a guessed value is
+    predictable only at its first piece. ``"fixed"``: it goes on with pieces fixed by that first piece (the same
+    made-up name every time), so a guessed value stays as predictable as a known one, but its later pieces
+    differ from a known entity's: the model must carry whether it is guessing into the later tokens of the
+    value to predict them, while its confidence need not change.
     """
 
     one_off_questions: int = 0
@@ -100,7 +104,7 @@ class FamiliaritySpec:
     one_off_biography: float = 0.2
     one_off_facts: int = 0
     guess_share: float | None = None
-    invented_references: bool = False
+    invented_references: str = "off"  # off | drawn | fixed
     recognition: RecognitionSpec = RecognitionSpec()
 
 
@@ -251,7 +255,7 @@ def _familiarity(raw: Any) -> FamiliaritySpec:
         one_off_biography=r.float("one_off_biography", default=0.2),
         one_off_facts=r.int("one_off_facts", default=0, lo=0),
         guess_share=None if r.get("guess_share", default=None) is None else r.float("guess_share"),
-        invented_references=r.bool("invented_references", default=False),
+        invented_references=r.choice("invented_references", INVENTED_REFERENCES, default="off"),
         recognition=_recognition(r.get("recognition", default=None)),
     )
     r.done()
@@ -292,7 +296,7 @@ def _augmentation(raw: Any) -> AugmentationSpec:
     return spec
 
 
-def _fail(field: str, why: str) -> None:
+def _fail(field: str, why: str) -> NoReturn:
     raise WorldSpecError(f"world spec field {field!r}: {why}")
 
 
@@ -332,6 +336,16 @@ class _Reader:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
             _fail(self._path(key), f"must be a number in [{lo:g}, {hi:g}], got {v!r}")
         return float(v)
+
+    def choice(self, key: str, options: Mapping[Any, str], default: Any = ...) -> str:
+        """One of ``options``' keys (YAML values; True and False count as themselves), mapped to its name."""
+        v = self.get(key, default)
+        if isinstance(v, bool) or isinstance(v, str):
+            for k, name in options.items():
+                if type(k) is type(v) and k == v:
+                    return name
+        shown = ", ".join(str(k).lower() if isinstance(k, bool) else k for k in options)
+        _fail(self._path(key), f"must be one of {shown}, got {v!r}")
 
     def bool(self, key: str, default: Any = ...) -> bool:
         v = self.get(key, default)

@@ -246,7 +246,7 @@ def test_invented_references_make_up_reference_values_and_change_nothing_else():
     familiarity = {"one_off_questions": 60, "one_off_biography": 0.3, "one_off_facts": 60}
     plain = build_world(parse_spec(tiny_world_raw(familiarity=familiarity)))
     invented = build_world(parse_spec(tiny_world_raw(familiarity={**familiarity, "invented_references": True})))
-    assert not plain.spec.familiarity.invented_references and invented.spec.familiarity.invented_references
+    assert plain.spec.familiarity.invented_references == "off" and invented.spec.familiarity.invented_references == "drawn"
     rng = random.Random(0)
     lo, hi = invented.spec.name_length
     for name in ["Ab Cor", "Fen Gal Ist", "Hal Jor", "Dav Elm"]:
@@ -274,5 +274,37 @@ def test_invented_references_make_up_reference_values_and_change_nothing_else():
                 assert any(f" {c} " in f" {d0} " for c in cities), d0
                 assert all(f"{lead} {c} " not in d1 for c in cities for lead in ("born in", "is")), d1
     assert changed > 10
-    with pytest.raises(WorldSpecError, match="invented_references"):
+    with pytest.raises(WorldSpecError, match="invented_references.*one of false, off, true, drawn, fixed"):
         parse_spec(tiny_world_raw(familiarity={**familiarity, "invented_references": "yes"}))
+
+
+def test_fixed_invented_references_are_one_made_up_name_per_first_piece():
+    familiarity = {"one_off_questions": 60, "one_off_biography": 0.3, "one_off_facts": 60}
+    plain = build_world(parse_spec(tiny_world_raw(familiarity=familiarity)))
+    fixed = build_world(parse_spec(tiny_world_raw(familiarity={**familiarity, "invented_references": "fixed"})))
+    assert fixed.spec.familiarity.invented_references == "fixed"
+    assert parse_spec(tiny_world_raw(familiarity={**familiarity, "invented_references": "off"})) == plain.spec
+    pieces = fixed.spec.name_pieces
+    by_first: dict[str, set[str]] = {}
+    for name in [f"{a} {b}" for a in pieces for b in pieces if a != b]:
+        usual = stereotype(plain, "person", "birth_city", name)
+        value = stereotype(fixed, "person", "birth_city", name, random.Random(1))  # a drawn stream is ignored
+        assert value == stereotype(fixed, "person", "birth_city", name)  # the same every time
+        assert value.split(" ")[0] == usual.split(" ")[0] and value != usual
+        assert not spans(value.split(" ")) & fixed.name_spans  # never an entity's name, nor inside one
+        assert stereotype(fixed, "person", "profession", name) == stereotype(plain, "person", "profession", name)
+        by_first.setdefault(usual.split(" ")[0], set()).add(value)
+    assert all(len(v) == 1 for v in by_first.values())  # fixed by the first piece
+    made_up = {v for vs in by_first.values() for v in vs}
+    cities = {e.name for e in plain.of(type="city")}
+    changed = 0
+    for epoch in range(3):
+        docs0, subjects0 = epoch_documents(plain, epoch)
+        docs1, subjects1 = epoch_documents(fixed, epoch)
+        assert subjects0 == subjects1 and len(docs0) == len(docs1)
+        for d0, d1 in zip(docs0, docs1):
+            if d0 != d1:  # a city of the world before, its first piece's made-up name now
+                changed += 1
+                assert any(f" {c} " in f" {d0} " for c in cities), d0
+                assert any(f" {v} " in f" {d1} " for v in made_up), d1
+    assert changed > 10
