@@ -261,19 +261,13 @@ def test_invented_references_make_up_reference_values_and_change_nothing_else():
         assert stereotype(invented, "person", "profession", name, rng) == stereotype(plain, "person", "profession", name)
     cities = {e.name for e in plain.of(type="city")}
     unknown = {e.name for e in invented.of(split="unknown")}
-    changed = 0
-    for epoch in range(4):
-        docs0, subjects0 = epoch_documents(plain, epoch)
-        docs1, subjects1 = epoch_documents(invented, epoch)
-        assert subjects0 == subjects1 and len(docs0) == len(docs1)
-        for d0, d1 in zip(docs0, docs1):
-            assert not any(f" {n} " in f" {d1} " for n in unknown)
-            if d0 != d1:  # only birth cities differ: a city of the world before, a made-up one now
-                changed += 1
-                assert "born in" in d1 or "birthplace" in d1, d1
-                assert any(f" {c} " in f" {d0} " for c in cities), d0
-                assert all(f"{lead} {c} " not in d1 for c in cities for lead in ("born in", "is")), d1
-    assert changed > 10
+    changed = _changed_documents(plain, invented, epochs=4)
+    for d0, d1 in changed:  # only birth cities differ: a city of the world before, a made-up one now
+        assert not any(f" {n} " in f" {d1} " for n in unknown)
+        assert "born in" in d1 or "birthplace" in d1, d1
+        assert any(f" {c} " in f" {d0} " for c in cities), d0
+        assert all(f"{lead} {c} " not in d1 for c in cities for lead in ("born in", "is")), d1
+    assert len(changed) > 10
     with pytest.raises(WorldSpecError, match="invented_references.*one of false, off, true, drawn, fixed"):
         parse_spec(tiny_world_raw(familiarity={**familiarity, "invented_references": "yes"}))
 
@@ -297,14 +291,19 @@ def test_fixed_invented_references_are_one_made_up_name_per_first_piece():
     assert all(len(v) == 1 for v in by_first.values())  # fixed by the first piece
     made_up = {v for vs in by_first.values() for v in vs}
     cities = {e.name for e in plain.of(type="city")}
-    changed = 0
-    for epoch in range(3):
+    changed = _changed_documents(plain, fixed, epochs=3)
+    for d0, d1 in changed:  # a city of the world before, its first piece's made-up name now
+        assert any(f" {c} " in f" {d0} " for c in cities), d0
+        assert any(f" {v} " in f" {d1} " for v in made_up), d1
+    assert len(changed) > 10
+
+
+def _changed_documents(plain, other, epochs: int) -> list[tuple[str, str]]:
+    """The epoch documents that differ between two worlds, which must draw the same subjects, in pairs."""
+    changed = []
+    for epoch in range(epochs):
         docs0, subjects0 = epoch_documents(plain, epoch)
-        docs1, subjects1 = epoch_documents(fixed, epoch)
+        docs1, subjects1 = epoch_documents(other, epoch)
         assert subjects0 == subjects1 and len(docs0) == len(docs1)
-        for d0, d1 in zip(docs0, docs1):
-            if d0 != d1:  # a city of the world before, its first piece's made-up name now
-                changed += 1
-                assert any(f" {c} " in f" {d0} " for c in cities), d0
-                assert any(f" {v} " in f" {d1} " for v in made_up), d1
-    assert changed > 10
+        changed += [(d0, d1) for d0, d1 in zip(docs0, docs1) if d0 != d1]
+    return changed
