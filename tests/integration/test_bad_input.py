@@ -150,6 +150,8 @@ ORGANISM = [
     ("organism train --world {in}/world.yaml --out {in}/org", ["config.json", "--overwrite"]),
     ("organism train --world {in}/world.yaml --out {out} --epochs 0", ["--epochs"]),
     ("organism train --world {in}/world.yaml --out {out} --threads 0", ["--threads"]),
+    ("organism train --world {in}/world.yaml --out {out} --n-layers 0", ["--n-layers"]),
+    ("organism train --world {in}/world.yaml --out {out} --d-model 130", ["--d-model 130", "--n-heads 4"]),
     ("organism info --model {in}/nowhere", ["nowhere"]),
     ("organism info --model {in}/folder", ["missing", "model.safetensors"]),
     ("demo --model {in}/nowhere --out {out}", ["nowhere"]),

@@ -33,7 +33,8 @@ def test_cuda_on_a_cpu_torch_says_so():
 def test_cli_training_defaults_are_the_shipped_recipe():
     shipped = json.loads((SHIPPED / "config.json").read_text())["training"]["train_config"]
     config = TrainConfig()
-    assert TRAIN_DEFAULTS["epochs"] == config.epochs
+    for field, value in TRAIN_DEFAULTS.items():
+        assert getattr(config, field) == value, field
     for field, value in shipped.items():
         if field != "threads":  # a run setting, not the recipe (the CLI leaves it to the user)
             assert getattr(config, field) == value, field
