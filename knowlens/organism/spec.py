@@ -338,12 +338,10 @@ class _Reader:
         return float(v)
 
     def choice(self, key: str, options: Mapping[Any, str], default: Any = ...) -> str:
-        """One of ``options``' keys (YAML values; True and False count as themselves), mapped to its name."""
+        """One of ``options``' keys (YAML values: strings, true, false), mapped to its name."""
         v = self.get(key, default)
-        if isinstance(v, bool) or isinstance(v, str):
-            for k, name in options.items():
-                if type(k) is type(v) and k == v:
-                    return name
+        if isinstance(v, (bool, str)) and v in options:  # not 0 or 1, which equal False and True
+            return options[v]
         shown = ", ".join(str(k).lower() if isinstance(k, bool) else k for k in options)
         _fail(self._path(key), f"must be one of {shown}, got {v!r}")
 
