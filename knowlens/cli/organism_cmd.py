@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-TRAIN_DEFAULTS = {"epochs": 450, "n_layers": 4, "d_model": 128, "n_heads": 4, "d_mlp": 512}  # TrainConfig's; kept in step by a test (the CLI imports no torch for --help)
+TRAIN_DEFAULTS = {"epochs": 450, "n_layers": 4, "d_model": 128, "n_heads": 4, "d_mlp": 512, "weight_decay": 0.01}  # TrainConfig's; kept in step by a test (the CLI imports no torch for --help)
 SAE_DEFAULTS = {"steps": 3000, "k": 16, "expansion": 8, "batch_tokens": 1024, "seed": 0}  # SaeTrainConfig's; kept in step by a test
 
 
@@ -39,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        ("n_heads", "attention heads per block"), ("d_mlp", "MLP hidden width")):  # fmt: skip
         t.add_argument(f"--{flag.replace('_', '-')}", type=int, default=TRAIN_DEFAULTS[flag], help=f"{what}; "
                        "the default is the shipped organism's")
+    t.add_argument("--weight-decay", type=float, default=TRAIN_DEFAULTS["weight_decay"], help="AdamW weight decay "
+                   "on weight matrices and embeddings (not biases or LayerNorm); the default is the shipped organism's")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); the weights "
                    "depend on it: the shipped organism used 1")
     t.add_argument("--overwrite", action="store_true", help="replace an organism already in --out")
@@ -138,12 +140,14 @@ def run_train(args: argparse.Namespace) -> int:
             raise KnowlensError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.d_model % args.n_heads:
         raise KnowlensError(f"--d-model {args.d_model} is not a multiple of --n-heads {args.n_heads}")
+    if not 0 <= args.weight_decay < 1:  # also refuses nan
+        raise KnowlensError(f"--weight-decay must be in [0, 1), got {args.weight_decay}")
     if args.threads is not None and args.threads < 1:
         raise KnowlensError(f"--threads must be >= 1, got {args.threads}")
     spec = load_spec(args.world)
     out = check_output_dir(args.out, overwrite=args.overwrite, owned=FILES)
     config = replace(TrainConfig(), epochs=args.epochs, threads=args.threads, n_layers=args.n_layers,
-                     d_model=args.d_model, n_heads=args.n_heads, d_mlp=args.d_mlp)  # fmt: skip
+                     d_model=args.d_model, n_heads=args.n_heads, d_mlp=args.d_mlp, weight_decay=args.weight_decay)  # fmt: skip
     org = train_organism(spec, None, config=config, progress=not args.no_progress)
     try:
         save_organism(org, out)

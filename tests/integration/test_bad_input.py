@@ -152,6 +152,8 @@ ORGANISM = [
     ("organism train --world {in}/world.yaml --out {out} --threads 0", ["--threads"]),
     ("organism train --world {in}/world.yaml --out {out} --n-layers 0", ["--n-layers"]),
     ("organism train --world {in}/world.yaml --out {out} --d-model 130", ["--d-model 130", "--n-heads 4"]),
+    ("organism train --world {in}/world.yaml --out {out} --weight-decay -0.1", ["--weight-decay", "-0.1"]),
+    ("organism train --world {in}/world.yaml --out {out} --weight-decay nan", ["--weight-decay", "nan"]),
     ("organism info --model {in}/nowhere", ["nowhere"]),
     ("organism info --model {in}/folder", ["missing", "model.safetensors"]),
     ("demo --model {in}/nowhere --out {out}", ["nowhere"]),

@@ -77,11 +77,12 @@ def test_train_a_tiny_world_from_the_cli(tmp_path):
     spec.write_text(yaml.safe_dump(tiny_world_raw()))
     out = tmp_path / "org"
     r = run_cli("organism", "train", "--world", str(spec), "--out", str(out), "--epochs", "2", "--threads", "1", "--no-progress",
-                "--n-layers", "3", "--d-model", "96", "--n-heads", "3", "--d-mlp", "192")  # fmt: skip
+                "--n-layers", "3", "--d-model", "96", "--n-heads", "3", "--d-mlp", "192", "--weight-decay", "0.1")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "world.yaml"]
     shape = json.loads((out / "config.json").read_text())["config"]
     assert (shape["n_layers"], shape["d_model"], shape["n_heads"], shape["d_mlp"]) == (3, 96, 3, 192)
+    assert json.loads((out / "config.json").read_text())["training"]["train_config"]["weight_decay"] == 0.1
     r = run_cli("organism", "info", "--model", str(out), "--json")
     info = json.loads(r.stdout)
     # two epochs learn nothing: the gates fail, and the exit code says so (scripts rely on it)
