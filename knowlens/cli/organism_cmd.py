@@ -146,8 +146,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise KnowlensError(f"--threads must be >= 1, got {args.threads}")
     spec = load_spec(args.world)
     out = check_output_dir(args.out, overwrite=args.overwrite, owned=FILES)
-    config = replace(TrainConfig(), epochs=args.epochs, threads=args.threads, n_layers=args.n_layers,
-                     d_model=args.d_model, n_heads=args.n_heads, d_mlp=args.d_mlp, weight_decay=args.weight_decay)  # fmt: skip
+    config = replace(TrainConfig(), threads=args.threads, **{field: getattr(args, field) for field in TRAIN_DEFAULTS})
     org = train_organism(spec, None, config=config, progress=not args.no_progress)
     try:
         save_organism(org, out)
