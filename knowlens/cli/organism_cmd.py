@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-TRAIN_DEFAULTS = {"epochs": 450, "n_layers": 4, "d_model": 128, "n_heads": 4, "d_mlp": 512, "weight_decay": 0.01}  # TrainConfig's; kept in step by a test (the CLI imports no torch for --help)
+TRAIN_DEFAULTS = {"epochs": 450, "n_layers": 4, "d_model": 128, "n_heads": 4, "d_mlp": 512, "weight_decay": 0.1}  # TrainConfig's; kept in step by a test (the CLI imports no torch for --help)
 SAE_DEFAULTS = {"steps": 3000, "k": 16, "expansion": 8, "batch_tokens": 1024, "seed": 0}  # SaeTrainConfig's; kept in step by a test
 
 

@@ -28,7 +28,7 @@ class TrainConfig:
     epochs: int = 450  # the recipe that trained the shipped organism (organism v2)
     batch_size: int = 64
     lr: float = 2e-3
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1
     warmup_steps: int = 100
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
 

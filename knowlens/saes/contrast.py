@@ -17,13 +17,17 @@ Definitions (nothing here reads a world's known/unknown splits):
   facts the model writes about one entity name others), most often seen first, up to ``max_candidates`` in all.
 * **Capitalised names** (`capitalised_names`): texts are split into words (``\\w+`` or a punctuation mark);
   sentences end at ``.``, ``!``, ``?``, ``:`` and line breaks. A word is capitalised when it is alphabetic, of 2
-  or more letters, and starts upper case. An *opener* is a capitalised word seen at the start of a sentence of
-  the texts followed by a word that is not capitalised ("The birthplace", "By trade", "Tell me"): a function
-  word, not a name piece. A name is a maximal run of capitalised words, leading openers dropped, of at least
+  or more letters, and starts upper case. An *opener* is a capitalised word that, in at least half of its
+  occurrences in the texts, starts a sentence and is followed by a word that is not capitalised ("The
+  birthplace", "By trade", "Tell me"): a function word, not a name piece (a piece that once starts a garbled
+  sentence, "Fal was born in", but mostly sits inside names, stays a piece). A name is a maximal run of
+  capitalised words, leading openers dropped, of at least
   ``min_words`` words (default 2) and at most ``max_words`` (default 4; longer runs are not names).
-* **Fabricated (unknown) names** (`fabricated_names`): ``n`` distinct names, each ``L`` distinct pieces (``L``
-  drawn uniformly from the list ``lengths``: repeat a value to weight it) drawn at random (``seed``) from
-  ``pieces`` and joined by spaces. A name that occurs in
+* **Fabricated (unknown) names** (`fabricated_names`): ``n`` distinct names, each ``L`` distinct pieces drawn at
+  random (``seed``) from ``pieces`` and joined by spaces. The lengths ``L`` follow the list ``lengths`` in turn
+  (shuffled with ``seed``, cycled when ``n`` is longer; repeat a value to weight it), each name drawn until one of
+  its length is found (up to ``max_draws / n`` draws, else that name is left out), so the names keep that
+  distribution of lengths even where one length is rejected far more often than another. A name that occurs in
   ``exclude_texts`` (the model's training texts, where known: as a run of whole words) is *rejected* and
   recorded; names in ``exclude_names`` (e.g. every name the model produced) are skipped.
 * `exemplar_free_contrast`: the self-generated names as the known set; as many fabricated names as the unknown
@@ -197,7 +201,9 @@ def capitalised_names(texts: Sequence[str], *, min_words: int = 2, max_words: in
     """Every name (maximal run of capitalised words, leading openers dropped, ``min_words`` to ``max_words``
     words) in ``texts``, once per occurrence (module docstring)."""
     sentences = [s for t in texts for s in _sentences(t)]
-    openers = {s[0] for s in sentences if len(s) > 1 and _capitalised(s[0]) and not _capitalised(s[1])}
+    seen = Counter(w for s in sentences for w in s if _capitalised(w))
+    opening = Counter(s[0] for s in sentences if len(s) > 1 and _capitalised(s[0]) and not _capitalised(s[1]))
+    openers = {w for w, c in opening.items() if 2 * c >= seen[w]}
     names: list[str] = []
     for words in sentences:
         run: list[str] = []
@@ -238,7 +244,8 @@ def fabricated_names(
     max_draws: int | None = None,
 ) -> EntitySet:
     """``n`` names combined from ``pieces`` (default: `vocabulary_name_pieces` of ``model``) never found in
-    ``exclude_texts`` (module docstring); fewer if ``max_draws`` (default ``200 * n``) draws do not find ``n``."""
+    ``exclude_texts`` (module docstring); fewer if ``max_draws / n`` draws (default 200) do not find a name of a
+    slot's length."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise KnowlensError(f"n must be an integer >= 1, got {n!r}")
     if pieces is None:
@@ -246,7 +253,7 @@ def fabricated_names(
             raise KnowlensError("fabricated_names needs pieces= or a model to take name pieces from")
         pieces = vocabulary_name_pieces(model)
     pieces = sorted({p.strip() for p in pieces if p.strip()})
-    lengths = tuple(int(x) for x in lengths)  # with repeats: drawn in proportion
+    lengths = tuple(int(x) for x in lengths)  # with repeats: in proportion
     if not lengths or min(lengths) < 1 or max(lengths) > len(pieces):
         raise KnowlensError(f"lengths {list(lengths)} do not fit {len(pieces)} distinct name pieces")
     texts = list(exclude_texts) if exclude_texts is not None else None
@@ -256,24 +263,31 @@ def fabricated_names(
     names: list[str] = []
     rejected: list[str] = []
     tried: set[str] = set()
-    for _ in range(max_draws if max_draws is not None else 200 * n):
-        if len(names) >= n:
-            break
-        name = " ".join(rng.sample(pieces, rng.choice(lengths)))
-        if name in tried or name in skip:
-            continue
-        tried.add(name)
-        words = tuple(_WORD.findall(name))
-        if texts is not None:
-            if len(words) not in grams:
-                grams[len(words)] = _word_ngrams(texts, len(words))
-            if words in grams[len(words)]:
-                rejected.append(name)
+    order = list(lengths)
+    rng.shuffle(order)
+    per_name = max(1, (max_draws if max_draws is not None else 200 * n) // n)
+    missing: Counter[int] = Counter()
+    for slot in range(n):
+        length = order[slot % len(order)]
+        for _ in range(per_name):
+            name = " ".join(rng.sample(pieces, length))
+            if name in tried or name in skip:
                 continue
-        names.append(name)
+            tried.add(name)
+            words = tuple(_WORD.findall(name))
+            if texts is not None:
+                if len(words) not in grams:
+                    grams[len(words)] = _word_ngrams(texts, len(words))
+                if words in grams[len(words)]:
+                    rejected.append(name)
+                    continue
+            names.append(name)
+            break
+        else:
+            missing[length] += 1
     params = {"n_requested": n, "pieces": pieces, "lengths": {str(k): v for k, v in sorted(Counter(lengths).items())}, "seed": seed,
               "checked_against": f"{len(texts)} training texts" if texts is not None else "nothing (no texts given)",
-              "n_excluded_names": len(skip)}  # fmt: skip
+              "n_excluded_names": len(skip), "not_found_by_length": {str(k): v for k, v in sorted(missing.items())}}  # fmt: skip
     return EntitySet(names=tuple(names), method="fabricated", params=params, rejected=tuple(rejected))
 
 

@@ -150,7 +150,7 @@ def test_steer_along_a_probe(organism, capsys):
     """probe:FILE steers along the probe's weight on the raw activation; its negative lowers the probe's own
     p_reliable, the labels say so, and alpha 0 is the baseline."""
     path = SHIPPED / "probe-entity_slot.safetensors"
-    assert main(["steer", "--direction", f"probe:{path}", "--alpha", "0", "--alpha", "-1", "--prompt", KNOWN,
+    assert main(["steer", "--direction", f"probe:{path}", "--alpha", "0", "--alpha", "-0.5", "--prompt", KNOWN,
                  "--prompt", UNKNOWN, "--max-new-tokens", "10"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "along probe entity_slot (weight / std)" in printed and "steering at blocks.2.hook_resid_post" in printed

@@ -323,6 +323,11 @@ def test_fabricated_names_never_occur_in_the_excluded_texts():
     assert fabricated_names(n=40, pieces=pieces, seed=1, lengths=(2, 3), exclude_texts=texts,
                             exclude_names=["Dav Ab"]) == got  # fmt: skip
     assert got.params["checked_against"] == "3 training texts"
+    # the lengths follow the list even where one length is mostly rejected: 2 of 30 pairs left, triples plentiful
+    pairs_taken = [f"{a} {b}" for a in pieces for b in pieces if a != b and (a, b) not in (("Ab", "Bel"), ("Cor", "Dav"))]
+    mixed = fabricated_names(n=8, pieces=pieces, seed=0, lengths=(2, 2, 3, 3), exclude_texts=pairs_taken)
+    assert sorted(len(n.split()) for n in mixed.names) == [2, 2, 3, 3, 3, 3]  # not 6 triples for 2 pairs
+    assert mixed.params["not_found_by_length"] == {"2": 2}
     small = fabricated_names(n=50, pieces=["Ab", "Bel"], seed=0, exclude_texts=["Ab Bel"])
     assert small.names == ("Bel Ab",) and small.rejected == ("Ab Bel",)  # fewer than asked when none are left
     with pytest.raises(KnowlensError, match="lengths"):
@@ -334,6 +339,10 @@ def test_capitalised_names_drop_sentence_openers():
              "Q : Who or what is Ab Cor ? A : Ab Cor was born in Ketheria .", "I know Zed ."]  # fmt: skip
     assert capitalised_names(texts) == ["Tav Pel", "Ros Wen", "Mor Tav", "Wen Cal Ost", "Ab Cor", "Ab Cor"]
     assert "Ketheria" in capitalised_names(texts, min_words=1)
+    # a piece that once starts a garbled sentence ("Fal was born") but mostly sits in names is no opener
+    garbled = ["Fal was born in Ros Wen .", "Fal Ros lies in Kel Ost .", "Cor Fal is a smith ."]
+    assert capitalised_names(garbled) == ["Ros Wen", "Fal Ros", "Kel Ost", "Cor Fal"]
+    assert capitalised_names([*garbled, "Fal was here .", "Fal is there ."]) == ["Ros Wen", "Kel Ost", "Cor Fal"]  # mostly an opener now
     assert first_sentence("  was born in\nRos Wen . Ros Wen lies") == "was born in Ros Wen ."
     assert first_sentence("no end") == "no end"
 
