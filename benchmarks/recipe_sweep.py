@@ -76,7 +76,7 @@ def run_variant(name: str, out_dir: str, device: str, epochs: int | None, thread
     world_file, world_over, train_over = VARIANTS[name]
     raw = merge(yaml.safe_load((WORLDS / world_file).read_text()), world_over)
     spec = parse_spec(raw)
-    config = replace(TrainConfig(), **{"epochs": 300, **train_over})  # the sweep ran with the v1 recipe's 300 epochs
+    config = replace(TrainConfig(), **{"epochs": 300, "weight_decay": 0.01, **train_over})  # the sweep ran with the v1 recipe: 300 epochs, weight decay 0.01
     if epochs is not None:
         config = replace(config, epochs=epochs)
     started = time.time()

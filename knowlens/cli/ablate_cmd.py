@@ -27,7 +27,7 @@ prompts (or --split), the refusal rate of both runs. Token labels: each run's an
 unreliable tokens in [brackets], the answer's least reliable p_reliable and the share of unreliable tokens.
 examples:
   knowlens ablate --sae organism:blocks.2.hook_resid_post --latent 117 --latent 9 --prompt 'Q : Who or what is Mor Ard ? A :'
-  knowlens ablate --sae organism:blocks.2.hook_resid_post --features feats/entity_known.slot.unknown.safetensors --split unknown --n 32"""
+  knowlens ablate --sae organism:blocks.3.hook_resid_post --features feats/entity_known.slot.unknown.safetensors --split unknown --n 32"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -21,7 +21,7 @@ the same search on the world's true known/unknown entities, the overlap of the t
 latent's AUROC on true held-out entities the exemplar-free sets did not use; each exemplar-free top latent's AUROC
 on every true entity they did not use (bootstrap 95% interval), and a ground-truth logistic probe on the same
 activation, position and entities (5 folds, out of fold), with the gap between the two.
-example: knowlens features entity-known --model organism --sae organism:blocks.2.hook_resid_post --out feats/"""
+example: knowlens features entity-known --model organism --sae organism:blocks.3.hook_resid_post --out feats/"""
 
 SURPRISE_EPILOG = """\
 Tokens: on an organism its held-out questions with their true answers (never trained); for another model
