@@ -67,8 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="prompt template with {name} (repeatable; default: the organism's biography questions, "
                    "else '{name}' and 'Q: Who is {name}? A:')")
     e.add_argument("--holdout", type=float, default=0.5, help="share of entities held out to score AUROC on")
-    e.add_argument("--rank-by", choices=["separation", "welch_t", "mean_diff"], default="separation",
-                   help="ranking score")
+    e.add_argument("--rank-by", choices=["separation", "welch_t", "mean_diff", "auroc"], default="separation",
+                   help="ranking score: the activation frequencies' difference (issue 8's), Welch's t, the mean "
+                   "difference, or the AUROC of the mean activation, each on the picking entities")
     e.add_argument("--samples", type=int, default=1024, help="free samples to find names in (exemplar-free)")
     e.add_argument("--k", type=int, default=16, help="continuations per candidate name (consistency)")
     e.add_argument("--threshold", type=float, default=0.5, help="consistency a known name needs")

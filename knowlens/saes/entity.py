@@ -27,8 +27,10 @@ Definitions (after Ferrando et al. 2025; the contrast sets come from `knowlens.s
   name span and the last token (the measured positions: in name-heavy prompts a latent marking known names is
   active on many name tokens, which says nothing about it being generic). Latents with ``generic_frequency >
   max_frequency`` are dropped.
-* **Ranking.** Per direction the score is ``s_known`` / ``s_unknown`` (``rank_by="separation"``), ``±welch_t`` or
-  ``±mean_diff``; the ``top`` kept latents by score (NaN never ranked; ties: by ``±welch_t``, then index). Each top latent's
+* **Ranking.** Per direction the score is ``s_known`` / ``s_unknown`` (``rank_by="separation"``), ``±welch_t``,
+  ``±mean_diff`` or ``auroc_known`` / ``auroc_unknown`` (``rank_by="auroc"``: the Mann-Whitney AUROC of ``a_e``,
+  known vs unknown, for the direction's side, on the picking entities, the minimum over types as for the
+  separation); the ``top`` kept latents by score (NaN never ranked; ties: by ``±welch_t``, then index). Each top latent's
   **held-out AUROC**: ``a_e`` of the held-out entities as the score for the direction's side (Mann-Whitney).
 
 `compare_with_truth` (organism): the same locator on a world's true known and unknown entities, and both sets of
@@ -64,7 +66,7 @@ from knowlens.types import Bool, Float, Int, Tensor
 
 POSITIONS = ("name", "answer", "slot")
 DIRECTIONS = ("known", "unknown")
-RANK_BY = ("separation", "welch_t", "mean_diff")
+RANK_BY = ("separation", "welch_t", "mean_diff", "auroc")
 DEFAULT_TEMPLATES = ("{name}", "Q: Who is {name}? A:")
 POSITION_RULES = {"name": "the entity's last name token", "answer": "the prompt's last token",
                   "slot": "the last token of the prompt followed by a frame of the model's own answers, where they "
@@ -177,7 +179,7 @@ def locate_entity_known(
         for direction in DIRECTIONS:
             sign = 1.0 if direction == "known" else -1.0
             score = {"separation": stats[f"s_{direction}"], "welch_t": sign * stats["welch_t"],
-                     "mean_diff": sign * stats["mean_diff"]}[rank_by]  # fmt: skip
+                     "mean_diff": sign * stats["mean_diff"], "auroc": stats[f"auroc_{direction}"]}[rank_by]  # fmt: skip
             latents = _rank(score, sign * stats["welch_t"], generic_frequency <= max_frequency, top)
             target = is_known[held] if direction == "known" else ~is_known[held]
             aucs = [auroc(a[held, j], target) if bool(held.any()) else math.nan for j in latents.tolist()]
@@ -411,14 +413,32 @@ def _types_compared(is_known: Tensor, types: list[str | None]) -> list[str | Non
 def _latent_stats(a: Tensor, on: Tensor, is_known: Tensor, types: list[str | None], compared: list[str | None]) -> dict[str, Tensor]:
     """Per-latent statistics on the picking entities (module docstring); float64, CPU."""
     s_known = torch.full((a.shape[1],), math.inf, dtype=torch.float64)
-    s_unknown = s_known.clone()
+    s_unknown, auc_known, auc_unknown = s_known.clone(), s_known.clone(), s_known.clone()
     for t in compared:
         in_t = torch.tensor([x == t for x in types])
         diff = on[in_t & is_known].mean(0) - on[in_t & ~is_known].mean(0)
         s_known, s_unknown = torch.minimum(s_known, diff), torch.minimum(s_unknown, -diff)
+        auc = latent_aurocs(a[in_t], is_known[in_t])
+        auc_known, auc_unknown = torch.minimum(auc_known, auc), torch.minimum(auc_unknown, 1 - auc)
     return {"f_known": on[is_known].mean(0), "f_unknown": on[~is_known].mean(0), "s_known": s_known,
             "s_unknown": s_unknown, "mean_diff": a[is_known].mean(0) - a[~is_known].mean(0),
-            "welch_t": welch_t(a[is_known], a[~is_known])}  # fmt: skip
+            "welch_t": welch_t(a[is_known], a[~is_known]), "auroc_known": auc_known,
+            "auroc_unknown": auc_unknown}  # fmt: skip
+
+
+def latent_aurocs(a: Float[Tensor, "entity n"], is_known: Tensor) -> Float[Tensor, " n"]:
+    """Per column of ``a``, the Mann-Whitney AUROC of known vs unknown (ties 1/2); NaN when a side is empty."""
+    y = is_known.bool()
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return torch.full((a.shape[1],), math.nan, dtype=torch.float64)
+    x = a.double()
+    out = torch.empty(a.shape[1], dtype=torch.float64)
+    step = max(1, 2**22 // (n1 * n0))  # columns per chunk: at most ~4M (known, unknown) pairs at a time
+    for c in range(0, a.shape[1], step):
+        k, u = x[y, c : c + step][:, None, :], x[~y, c : c + step][None, :, :]
+        out[c : c + step] = ((k > u).double().sum((0, 1)) + (k == u).double().sum((0, 1)) / 2).cpu() / (n1 * n0)
+    return out
 
 
 def _rank(score: Tensor, second: Tensor, kept: Tensor, top: int) -> Tensor:

@@ -136,6 +136,13 @@ def test_statistics_equal_a_naive_recomputation(model):
                 want_t = (sum(xk) / len(xk) - sum(xu) / len(xu)) / math.sqrt(vk / len(xk) + vu / len(xu))
                 assert float(fs.per_latent["welch_t"][j]) == pytest.approx(want_t, rel=1e-5, abs=1e-6)
             assert float(fs.per_latent["generic_frequency"][j]) == pytest.approx(float(generic_on[j]) / generic_n)
+            by_type_auc = []  # Mann-Whitney AUROC of the mean activation within each type, known vs unknown
+            for t in ("a", "b"):
+                kt = [float(a[n][j]) for n in pk if kinds[names.index(n)] == t]
+                ut = [float(a[n][j]) for n in pu if kinds[names.index(n)] == t]
+                by_type_auc.append(sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in kt for y in ut) / (len(kt) * len(ut)))
+            assert float(fs.per_latent["auroc_known"][j]) == pytest.approx(min(by_type_auc))
+            assert float(fs.per_latent["auroc_unknown"][j]) == pytest.approx(min(1 - x for x in by_type_auc))
         # ranked by s_known, ties by t; scores are the ranked latents' s_known; held-out AUROC by pair counting
         s = fs.per_latent["s_known"]
         assert fs.scores.tolist() == s[fs.latents].tolist()
@@ -164,6 +171,9 @@ def test_planted_latent_ranks_first_and_the_filter_drops_a_generic_one(model):
     assert loose["name", "known"].latents[:2].tolist() == [7, 3]
     by_t = locate_entity_known(model, sae, KNOWN, UNKNOWN, templates=TEMPLATES, max_frequency=1.0, rank_by="welch_t")
     assert by_t["name", "known"].latents[0] == 7 and float(by_t["name", "known"].scores[0]) == math.inf
+    by_auc = locate_entity_known(model, sae, KNOWN, UNKNOWN, templates=TEMPLATES, max_frequency=0.02, rank_by="auroc")
+    assert by_auc["name", "known"].latents[0] == 3 and float(by_auc["name", "known"].scores[0]) == 1.0
+    assert by_auc["name", "unknown"].latents[0] == 4
     # a generic sample given explicitly: w5 absent from it, so latent 7 is kept
     gen = torch.tensor([[1] + [word_id(model, f"w{i}") for i in (10, 11, 12, 13)]] * 3)
     given = locate_entity_known(model, sae, KNOWN, UNKNOWN, templates=TEMPLATES, generic_tokens=gen, top=3)
@@ -410,3 +420,14 @@ def test_entity_residuals_are_the_hook_activation_at_each_position(model):
                 torch.testing.assert_close(res["name"][i, j], act[words.index(name.split()[1])].float())
                 torch.testing.assert_close(res["answer"][i, j], act[-1].float())
     assert hooks_left(model) == []
+
+
+def test_latent_aurocs_match_the_mann_whitney_auroc_per_column():
+    from knowlens.saes.entity import latent_aurocs
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 4, (23, 9), generator=gen).double()  # small integers: many ties
+    y = torch.rand(23, generator=gen) < 0.4
+    got = latent_aurocs(a, y)
+    assert got.tolist() == pytest.approx([auroc(a[:, j], y) for j in range(9)])
+    assert torch.isnan(latent_aurocs(a, torch.ones(23, dtype=torch.bool))).all()
