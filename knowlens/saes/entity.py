@@ -61,7 +61,7 @@ from knowlens.saes.activations import (
 from knowlens.saes.contrast import Contrast, EntitySet, _check_template
 from knowlens.saes.features import FeatureSet
 from knowlens.saes.frames import AnswerFrames
-from knowlens.saes.stats import auroc, auroc_interval, welch_t
+from knowlens.saes.stats import auroc, auroc_interval, column_aurocs, welch_t
 from knowlens.types import Bool, Float, Int, Tensor
 
 POSITIONS = ("name", "answer", "slot")
@@ -418,27 +418,12 @@ def _latent_stats(a: Tensor, on: Tensor, is_known: Tensor, types: list[str | Non
         in_t = torch.tensor([x == t for x in types])
         diff = on[in_t & is_known].mean(0) - on[in_t & ~is_known].mean(0)
         s_known, s_unknown = torch.minimum(s_known, diff), torch.minimum(s_unknown, -diff)
-        auc = latent_aurocs(a[in_t], is_known[in_t])
+        auc = column_aurocs(a[in_t], is_known[in_t])
         auc_known, auc_unknown = torch.minimum(auc_known, auc), torch.minimum(auc_unknown, 1 - auc)
     return {"f_known": on[is_known].mean(0), "f_unknown": on[~is_known].mean(0), "s_known": s_known,
             "s_unknown": s_unknown, "mean_diff": a[is_known].mean(0) - a[~is_known].mean(0),
             "welch_t": welch_t(a[is_known], a[~is_known]), "auroc_known": auc_known,
             "auroc_unknown": auc_unknown}  # fmt: skip
-
-
-def latent_aurocs(a: Float[Tensor, "entity n"], is_known: Tensor) -> Float[Tensor, " n"]:
-    """Per column of ``a``, the Mann-Whitney AUROC of known vs unknown (ties 1/2); NaN when a side is empty."""
-    y = is_known.bool()
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return torch.full((a.shape[1],), math.nan, dtype=torch.float64)
-    x = a.double()
-    out = torch.empty(a.shape[1], dtype=torch.float64)
-    step = max(1, 2**22 // (n1 * n0))  # columns per chunk: at most ~4M (known, unknown) pairs at a time
-    for c in range(0, a.shape[1], step):
-        k, u = x[y, c : c + step][:, None, :], x[~y, c : c + step][None, :, :]
-        out[c : c + step] = ((k > u).double().sum((0, 1)) + (k == u).double().sum((0, 1)) / 2).cpu() / (n1 * n0)
-    return out
 
 
 def _rank(score: Tensor, second: Tensor, kept: Tensor, top: int) -> Tensor:

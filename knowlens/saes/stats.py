@@ -188,6 +188,20 @@ def auroc(scores: Float[Tensor, " n"], labels: Tensor) -> float:
     return (float(ranks[y].sum()) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
+def column_aurocs(scores: Float[Tensor, "n m"], labels: Tensor) -> Float[Tensor, " m"]:
+    """`auroc` of every column of ``scores`` against the same ``labels``, from within-column average ranks; NaNs
+    when a class is missing."""
+    s, y = scores.double(), labels.bool().flatten().to(scores.device)
+    n, m = s.shape
+    n1 = int(y.sum())
+    n0 = n - n1
+    if n1 == 0 or n0 == 0:
+        return torch.full((m,), math.nan, dtype=torch.float64)
+    cols = torch.arange(m, device=s.device).repeat(n)
+    ranks = _segment_ranks(cols, s.flatten()).view(n, m)
+    return ((ranks[y].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)).cpu()
+
+
 def auroc_interval(
     scores: Float[Tensor, " n"], labels: Tensor, *, n: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:

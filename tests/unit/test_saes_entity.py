@@ -28,7 +28,7 @@ from knowlens.saes import (
 )
 from knowlens.saes.contrast import first_sentence
 from knowlens.saes.entity import entity_prompts, entity_residuals
-from knowlens.saes.stats import auroc, auroc_interval, welch_t
+from knowlens.saes.stats import auroc, auroc_interval, column_aurocs, welch_t
 from tests.helpers import build_model, word_level_model
 
 KNOWN = [f"w{i} w{i + 1}" for i in range(20, 32, 2)]  # last name tokens w21, w23, ... w31
@@ -422,12 +422,10 @@ def test_entity_residuals_are_the_hook_activation_at_each_position(model):
     assert hooks_left(model) == []
 
 
-def test_latent_aurocs_match_the_mann_whitney_auroc_per_column():
-    from knowlens.saes.entity import latent_aurocs
-
+def test_column_aurocs_match_the_mann_whitney_auroc_per_column():
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(0, 4, (23, 9), generator=gen).double()  # small integers: many ties
     y = torch.rand(23, generator=gen) < 0.4
-    got = latent_aurocs(a, y)
+    got = column_aurocs(a, y)
     assert got.tolist() == pytest.approx([auroc(a[:, j], y) for j in range(9)])
-    assert torch.isnan(latent_aurocs(a, torch.ones(23, dtype=torch.bool))).all()
+    assert torch.isnan(column_aurocs(a, torch.ones(23, dtype=torch.bool))).all()
