@@ -42,10 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "entity-known", help="latents that fire for entities the model knows (or does not), without exemplars",
         description="Encode the SAE at each entity's last name token, at the answer position (the prompt's "
         "last token) and at the slot (the prompt continued by a frame of the model's own answers about the known "
-        "entities, up to where they first depend on the entity, e.g. '... A : {name} was born in') for a known "
-        "and an unknown set of entities; rank latents by the separation of their "
-        "activation frequencies (minimum over entity types), after dropping latents active on more than "
-        "--max-frequency of generic tokens; score each top latent's AUROC on held-out entities. Definitions: "
+        "entities, up to where they first depend on the entity and the fabricated names' answers leave theirs, "
+        "e.g. '... A : {name} was born in') for a known and an unknown set of entities; per latent the activation "
+        "frequencies on each side and their difference (the separation score), the mean difference, Welch's t "
+        "and the AUROC of the mean activation (each the minimum over entity types); rank latents by that AUROC "
+        "(--rank-by), after dropping latents active on more than --max-frequency of generic tokens; score each "
+        "top latent's AUROC on held-out entities. Definitions: "
         "knowlens/saes/entity.py and contrast.py.",
         epilog=ENTITY_EPILOG, formatter_class=_Formatter,
     )  # fmt: skip
@@ -67,12 +69,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="prompt template with {name} (repeatable; default: the organism's biography questions, "
                    "else '{name}' and 'Q: Who is {name}? A:')")
     e.add_argument("--holdout", type=float, default=0.5, help="share of entities held out to score AUROC on")
-    e.add_argument("--rank-by", choices=["separation", "welch_t", "mean_diff", "auroc"], default="separation",
-                   help="ranking score: the activation frequencies' difference (issue 8's), Welch's t, the mean "
-                   "difference, or the AUROC of the mean activation, each on the picking entities")
+    e.add_argument("--rank-by", choices=["auroc", "separation", "welch_t", "mean_diff"], default="auroc",
+                   help="ranking score, each on the picking entities: the AUROC of the mean activation (default), the "
+                   "activation frequencies' difference (Ferrando et al.'s separation score), Welch's t or the mean "
+                   "difference")
     e.add_argument("--samples", type=int, default=1024, help="free samples to find names in (exemplar-free)")
     e.add_argument("--k", type=int, default=16, help="continuations per candidate name (consistency)")
-    e.add_argument("--threshold", type=float, default=0.5, help="consistency a known name needs")
+    e.add_argument("--threshold", type=float, default=0.8, help="consistency a known name needs: the share of --k "
+                   "sampled continuations whose first sentence is its most frequent one")
     e.set_defaults(run=run_entity_known, command="features entity-known")
     s = verbs.add_parser(
         "surprise", help="latents (and a residual direction) that track the model's input surprisal",
@@ -189,7 +193,7 @@ def run_entity_known(args: argparse.Namespace) -> int:
     if "slot" in positions:
         from knowlens.saes.frames import answer_frames
 
-        frames = answer_frames(model, known.names, templates)
+        frames = answer_frames(model, known.names, templates, unknown_names=unknown.names)
         slots = frames.slot_templates
         if not slots and args.hook_position == "all":
             print(f"note: the model's answers about the {len(known.names)} known entities share no frame that then "
@@ -293,11 +297,12 @@ def _entity_report(model: Any, sae: Any, found: dict, truth: Any, path: Path) ->
     col = {j: i for i, j in enumerate(every)}
     parts = [_contrast_html(c)]
     for (pos, direction), fs in found.items():
-        score = fs.per_latent[f"s_{direction}"] if fs.params["rank_by"] == "separation" else None
+        stat = {"separation": f"s_{direction}", "auroc": f"auroc_{direction}"}.get(fs.params["rank_by"])
+        score = fs.per_latent.get(stat) if stat else None
         parts.append(f"<h2>{html.escape(fs.name)} at {pos} ({html.escape(fs.params['position_rule'])})</h2>")
         if score is not None:
             kept = (fs.per_latent["generic_frequency"] <= fs.params["max_frequency"]) & torch.isfinite(score)
-            parts.append(_histogram(score[kept].tolist(), f"s_{direction} of the kept latents", f"hist-{pos}-{direction}"))
+            parts.append(_histogram(score[kept].tolist(), f"{stat} of the kept latents", f"hist-{pos}-{direction}"))
         a = acts[pos]  # (entity, template, n)
         templates = slots if pos == "slot" and slots else first.params["templates"]
         contexts = {}

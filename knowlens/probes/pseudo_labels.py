@@ -297,7 +297,7 @@ def entity_contrast_labels(
     if position == "slot":
         from knowlens.saes.frames import answer_frames
 
-        frames = answer_frames(model, known, templates, batch_size=batch_size)
+        frames = answer_frames(model, known, templates, batch_size=batch_size, unknown_names=unknown)
         if not frames.slot_templates:
             raise KnowlensError(f"entity contrast at the slot: the model's answers about the {len(known)} known names "
                                 "share no frame that then depends on the entity")  # fmt: skip

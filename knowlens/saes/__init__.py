@@ -27,16 +27,18 @@ Public API (re-exports only):
   a ridge direction on the hook's activation predicting ``s_t`` (held-out R^2 and Pearson r, split by sequence)
 * `SurpriseResult`: ``save(path)`` / ``load(path, model=...)`` (safetensors + JSON card, checked against the model)
 * `input_surprisal(model, tokens) -> (batch, pos)`: ``-log p(x_t | x_<t)`` in nats, NaN at position 0
-* `answer_frames(model, names, templates) -> AnswerFrames` (``.frames``, ``.slot_templates``): where the model's
-  own greedy answers about ``names`` first depend on the entity (``" {name} was born in"``), found without labels;
+* `answer_frames(model, names, templates, *, unknown_names=()) -> AnswerFrames` (``.frames``, ``.slot_templates``):
+  where the model's own greedy answers about ``names`` first depend on the entity (``" {name} was born in"``), past
+  branches that its answers about ``unknown_names`` follow too (kinds of answer, not values), found without labels;
   the ``slot`` position of `locate_entity_known` reads the last token of a template followed by a frame
 * `locate_entity_known(model, sae, known, unknown, *, templates, positions=("name", "answer"), max_frequency=0.02,
-  top=10, holdout=0.5, rank_by="separation", slot_templates=None, ...) -> {(position, direction): FeatureSet}`
-  (``positions`` may add ``"slot"``; its templates are found with `answer_frames` from the known side unless
+  top=10, holdout=0.5, rank_by="auroc", slot_templates=None, ...) -> {(position, direction): FeatureSet}`
+  (``positions`` may add ``"slot"``; its templates are found with `answer_frames` from both sides unless
   given): per latent the activation
   frequencies on known and unknown entities at the entity's last name token / the prompt's last token, separation
-  scores (minimum over entity types), mean difference and Welch's t; the top latents for each direction after the
-  generic-frequency filter, each with its AUROC on held-out entities (`knowlens.saes.entity`: definitions)
+  scores (minimum over entity types), mean difference, Welch's t and the AUROC of the mean activation; the top
+  latents for each direction by that AUROC (``rank_by``) after the generic-frequency filter, each with its AUROC
+  on held-out entities (`knowlens.saes.entity`: definitions)
 * `entity_activations(model, sae, names, *, templates, latents=None) -> {position: (entity, template, n)}`;
   `entity_residuals(model, hook, names, ...)`, the same positions' raw activation (a probe's input);
   `organism_templates(world)`: the world's type-free biography questions as Q/A prompt templates

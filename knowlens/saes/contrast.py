@@ -9,10 +9,16 @@ Definitions (nothing here reads a world's known/unknown splits):
   BOS + the name's tokens), each cut to its first sentence (up to and including the first ``.``, ``!`` or ``?``
   of the decoded continuation, whitespace normalised); a first sentence *states something* when it has 2 or more
   words (``\\w+``) besides the name's; its *consistency* is the fraction of the ``k`` that equal the most frequent
-  one that states something (0 when none does). Names with consistency >= ``threshold`` are kept (the model
-  repeats a fact about them), except *generic* ones: with the name written ``{name}``, that most frequent
+  one that states something (0 when none does). Names with consistency >= ``threshold`` (default 0.8) are kept
+  (the model repeats a fact about them), except *generic* ones: with the name written ``{name}``, that most frequent
   sentence is the most frequent one of more than ``max(2, generic_share * n_candidates)`` candidate names (a
-  sentence the model says about many names, such as a refusal, is not a fact about this one).
+  sentence the model says about many names, such as a refusal, is not a fact about this one). The default
+  threshold was 0.5 before: on four organisms (three draws of the default world, one of another world) the
+  candidates at 0.5 or more fall in two groups, the worlds' known entities (155 of 156 at 0.8 or more) and names
+  the model makes up (135 of 137 below 0.8, mostly 0.5-0.6, a refusal the runner-up sentence); at 0.5 the made-up
+  names were 8 of 64 (the shipped organism) to 21 of 54 (the second world) of the known set, and the latent that
+  tracks familiarity
+  fires on them as on the fabricated names.
   Over ``rounds`` rounds, names found in the consistency samples of one round are candidates of the next (the
   facts the model writes about one entity name others), most often seen first, up to ``max_candidates`` in all.
 * **Capitalised names** (`capitalised_names`): texts are split into words (``\\w+`` or a punctuation mark);
@@ -127,7 +133,7 @@ def self_generated_entities(
     *,
     n_samples: int = 1024,
     k: int = 16,
-    threshold: float | int = 0.5,
+    threshold: float | int = 0.8,
     seed: int = 0,
     prompt: str | None = None,
     template: str = "{name}",

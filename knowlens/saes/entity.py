@@ -30,8 +30,14 @@ Definitions (after Ferrando et al. 2025; the contrast sets come from `knowlens.s
 * **Ranking.** Per direction the score is ``s_known`` / ``s_unknown`` (``rank_by="separation"``), ``±welch_t``,
   ``±mean_diff`` or ``auroc_known`` / ``auroc_unknown`` (``rank_by="auroc"``: the Mann-Whitney AUROC of ``a_e``,
   known vs unknown, for the direction's side, on the picking entities, the minimum over types as for the
-  separation); the ``top`` kept latents by score (NaN never ranked; ties: by ``±welch_t``, then index). Each top latent's
-  **held-out AUROC**: ``a_e`` of the held-out entities as the score for the direction's side (Mann-Whitney).
+  separation; the default); the ``top`` kept latents by score (NaN never ranked; ties: by ``±welch_t``, then index).
+  Each top latent's **held-out AUROC**: ``a_e`` of the held-out entities as the score for the direction's side
+  (Mann-Whitney). Why AUROC by default: Ferrando et al.'s separation score counts how often a latent fires, which
+  suits JumpReLU SAEs whose latents are mostly silent; in the organisms' TopK SAEs the latent that tracks
+  familiarity at the slot fires for nearly every entity and separates them by how strongly (second world, k 16:
+  active for 87% of the known and 100% of the unknown names, separation 0.13, ranked ninth; AUROC 1.00 on the
+  held-out half, 0.989 on every unused true entity). Measured on six SAEs at ``blocks.3`` of three organisms
+  (README): AUROC ranking 0.61-0.996 on every unused true entity, the frequency difference 0.46-0.996.
 
 `compare_with_truth` (organism): the same locator on a world's true known and unknown entities, and both sets of
 top latents scored on the true held-out entities that the exemplar-free sets did not use.
@@ -70,7 +76,8 @@ RANK_BY = ("separation", "welch_t", "mean_diff", "auroc")
 DEFAULT_TEMPLATES = ("{name}", "Q: Who is {name}? A:")
 POSITION_RULES = {"name": "the entity's last name token", "answer": "the prompt's last token",
                   "slot": "the last token of the prompt followed by a frame of the model's own answers, where they "
-                          "first depend on the entity (knowlens.saes.frames)"}  # fmt: skip
+                          "first depend on the entity, past branches its answers about the unknown names follow too "
+                          "(knowlens.saes.frames)"}  # fmt: skip
 EntitiesArg = EntitySet | Sequence[str] | Sequence[tuple[str, str]]
 
 
@@ -102,7 +109,7 @@ def locate_entity_known(
     generic_mask: Bool[Tensor, "gbatch gpos"] | None = None,
     top: int = 10,
     holdout: float | int = 0.5,
-    rank_by: str = "separation",
+    rank_by: str = "auroc",
     seed: int = 0,
     batch_size: int = 64,
     sae_label: str | None = None,
@@ -147,7 +154,8 @@ def locate_entity_known(
     if "slot" in positions and slots is None:
         from knowlens.saes.frames import answer_frames
 
-        frames = answer_frames(model, contrast.known.names, templates, batch_size=batch_size)
+        frames = answer_frames(model, contrast.known.names, templates, batch_size=batch_size,
+                               unknown_names=contrast.unknown.names)
         slots = frames.slot_templates
     if "slot" in positions:
         if not slots:

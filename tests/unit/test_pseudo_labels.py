@@ -224,3 +224,28 @@ def test_balanced_threshold():
     y = torch.tensor([0, 0, 1, 0, 1, 1], dtype=torch.bool)
     assert balanced_threshold(p, y) == pytest.approx(0.86)
     assert balanced_threshold(p, torch.ones(6, dtype=torch.bool)) == 0.5
+
+
+def test_entity_slot_probe_keeps_its_own_consistency_threshold(monkeypatch):
+    """The entity-slot probe's known names need consistency 0.5 (what the shipped probe was fitted with), not the
+    0.8 that `self_generated_entities` defaults to for single latents; a caller's threshold still wins."""
+    import inspect
+
+    from knowlens.probes import pseudo
+    from knowlens.saes.contrast import self_generated_entities
+
+    from knowlens.probes.fit import ProbeFit
+
+    seen, fitted = [], ProbeFit.__new__(ProbeFit)  # a stand-in: nothing is fitted here
+
+    def fake_fit(model, prompts, **kw):
+        seen.append(kw["options"]["entity_contrast"])
+        return {"entity_slot": fitted}
+
+    monkeypatch.setattr(pseudo, "fit_pseudo_probes", fake_fit)
+    monkeypatch.setattr(pseudo, "default_hooks", lambda model: [])
+    assert pseudo.fit_entity_slot_probe(None, "out", templates=["Q : {name} ? A :"]) is fitted
+    assert pseudo.fit_entity_slot_probe(None, "out", templates=["Q : {name} ? A :"], threshold=0.9, k=4) is fitted
+    assert seen[0]["threshold"] == pseudo.SLOT_PROBE_THRESHOLD == 0.5 and seen[0]["position"] == "slot"
+    assert seen[1]["threshold"] == 0.9 and seen[1]["k"] == 4
+    assert inspect.signature(self_generated_entities).parameters["threshold"].default == 0.8

@@ -85,7 +85,7 @@ def test_statistics_equal_a_naive_recomputation(model):
     known = EntitySet(names=tuple(KNOWN), types=tuple(types_k))
     unknown = EntitySet(names=tuple(UNKNOWN), types=tuple(types_u))
     found = locate_entity_known(model, sae, known, unknown, templates=TEMPLATES, max_frequency=1.0, top=5,
-                                holdout=0.5, seed=3, batch_size=5)  # fmt: skip
+                                holdout=0.5, seed=3, batch_size=5, rank_by="separation")  # fmt: skip
     assert set(found) == {("name", "known"), ("name", "unknown"), ("answer", "known"), ("answer", "unknown")}
     held = found["name", "known"].params["heldout"]
     assert len(held["known"]) == 2 and len(held["unknown"]) == 2  # a half of each (side, type) stratum of 3

@@ -43,6 +43,34 @@ def test_frames_stop_where_the_answers_branch():
     assert frame == " {name} said {name} {{x}}" and frame.format(name="Zed Ab") == " Zed Ab said Zed Ab {x}"
 
 
+def test_branches_the_unknown_answers_follow_too_are_walked_past():
+    # known answers split by kind at the name (as a world of several types does), then by value; the unknown
+    # names' answers take one of the same kinds and leave the known answers only at the value
+    known = [("Ab Cor", " Ab Cor comes from Ros Wen ."), ("Bel Dav", " Bel Dav comes from Tav ."),
+             ("Cal Elm", " Cal Elm comes from Mor ."), ("Dor Fen", " Dor Fen rises from the Amber sea ."),
+             ("Gal Hal", " Gal Hal rises from the Grey sea ."), ("Ist Jor", " Ist Jor rises from the Still sea .")]
+    unknown = [("Kel Lor", " Kel Lor comes from unrecorded ."), ("Nim Ost", " Nim Ost comes from unrecorded ."),
+               ("Pel Quin", " Pel Quin comes from Tav .")]  # fmt: skip
+    alone = _frames(known, min_names=2, branch_share=0.5, max_words=12)
+    assert alone == (" {name}",)  # comes 3 / rises 3: the name itself
+    both = _frames(known, min_names=2, branch_share=0.5, max_words=12, unknown=unknown, min_unknown=2)
+    # at the name all 3 unknown answers go on with "comes" (followed by 3 known ones): walked past; at "comes from"
+    # 2 of 3 say a word no known answer is followed by: a frame; "rises from the": no unknown answer, a frame
+    assert both == (" {name} comes from", " {name} rises from the")
+    # too few unknown answers continue a branch to tell (min_unknown): the known side decides, as alone
+    assert _frames(known, min_names=2, branch_share=0.5, max_words=12, unknown=unknown, min_unknown=4) == alone
+    # unknown answers that stay on the known ones' followed words at "comes from" too (they make up a value known
+    # names have): walked past, but no frame below it in the first sentence, so the branch is the frame after all
+    echo = [("Kel Lor", " Kel Lor comes from Tav . Kel Lor is a baker ."), ("Nim Ost", " Nim Ost comes from Tav .")]
+    twice = [*known[:1], ("Bel Dav", " Bel Dav comes from Tav . Bel Dav is a baker ."), *known[2:],
+             ("Sul Tor", " Sul Tor comes from Tav . Sul Tor is a smith ."), ("Ull Vor", " Ull Vor comes from Ist .")]
+    got = _frames(twice, min_names=2, branch_share=0.5, max_words=12, unknown=echo, min_unknown=2)
+    assert got == (" {name} comes from", " {name} rises from the")  # not " {name} comes from Tav . {name} is a"
+    never = _frames(twice, min_names=2, branch_share=0.5, max_words=12, unknown=echo, min_unknown=2, stay_share=1.0)
+    assert never == _frames(twice, min_names=2, branch_share=0.5, max_words=12)  # stay_share 1: never "mostly"
+    assert never == (" {name} comes from", " {name} rises from the")
+
+
 def test_answer_frames_on_a_model(model):
     got = answer_frames(model, KNOWN, TEMPLATES, max_new_tokens=4, min_share=0.0, branch_share=1.0)
     assert set(got.frames) == set(TEMPLATES) and all(0 <= n <= len(KNOWN) for n in got.n_answers.values())
@@ -52,6 +80,16 @@ def test_answer_frames_on_a_model(model):
         answer_frames(model, KNOWN[:1], TEMPLATES)
     with pytest.raises(KnowlensError, match="branch_share"):
         answer_frames(model, KNOWN, TEMPLATES, branch_share=2.0)
+    with pytest.raises(KnowlensError, match="stay_share"):
+        answer_frames(model, KNOWN, TEMPLATES, stay_share=-0.1)
+    both = answer_frames(model, KNOWN, TEMPLATES, max_new_tokens=4, min_share=0.0, branch_share=1.0,
+                         unknown_names=UNKNOWN)  # fmt: skip
+    assert set(both.frames) == set(TEMPLATES) and both.params["n_unknown_names"] == len(UNKNOWN)
+    assert set(both.params["frames_from_both_sides"]) == set(TEMPLATES)
+    for t in TEMPLATES:  # a template where the unknown answers gave no frame keeps the known side's frames
+        if not both.params["frames_from_both_sides"][t]:
+            assert both.frames[t] == got.frames[t]
+    assert "n_unknown_names" not in got.params
     assert hooks_left(model) == []
 
 
@@ -59,10 +97,13 @@ def test_the_slot_position_reads_the_slot_templates_last_token(model):
     sae = planted_sae(model)  # latent 3 fires on the last token of a known name, 4 on an unknown one's
     slots = ("w5 w6 {name} w7 {name}", "w8 {name} w9 w10")  # the first ends on the name, the second on w10
     found = locate_entity_known(model, sae, KNOWN, UNKNOWN, templates=TEMPLATES, positions=("name", "slot"),
-                                slot_templates=slots, top=3)  # fmt: skip
+                                slot_templates=slots, top=3, rank_by="separation")  # fmt: skip
     assert set(found) == {("name", "known"), ("name", "unknown"), ("slot", "known"), ("slot", "unknown")}
     fk = found["slot", "known"]
     assert fk.latents[0] == 3 and float(fk.scores[0]) == 0.5  # active on one slot template of two
+    by_auroc = locate_entity_known(model, sae, KNOWN, UNKNOWN, templates=TEMPLATES, positions=("slot",),
+                                   slot_templates=slots, top=3, holdout=0)  # the default ranking  # fmt: skip
+    assert by_auroc["slot", "known"].latents[0] == 3 and float(by_auroc["slot", "known"].scores[0]) == 1.0
     assert fk.params["slot_templates"] == list(slots) and found["name", "known"].params["slot_templates"] is None
     acts = entity_activations(model, sae, KNOWN + UNKNOWN, templates=TEMPLATES, slot_templates=slots)
     assert acts["slot"].shape == (len(KNOWN) + len(UNKNOWN), 2, 12)
