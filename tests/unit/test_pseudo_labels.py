@@ -232,9 +232,8 @@ def test_entity_slot_probe_keeps_its_own_consistency_threshold(monkeypatch):
     import inspect
 
     from knowlens.probes import pseudo
-    from knowlens.saes.contrast import self_generated_entities
-
     from knowlens.probes.fit import ProbeFit
+    from knowlens.saes.contrast import self_generated_entities
 
     seen, fitted = [], ProbeFit.__new__(ProbeFit)  # a stand-in: nothing is fitted here
 
