@@ -36,8 +36,9 @@ Definitions (after Ferrando et al. 2025; the contrast sets come from `knowlens.s
   suits JumpReLU SAEs whose latents are mostly silent; in the organisms' TopK SAEs the latent that tracks
   familiarity at the slot fires for nearly every entity and separates them by how strongly (second world, k 16:
   active for 87% of the known and 100% of the unknown names, separation 0.13, ranked ninth; AUROC 1.00 on the
-  held-out half, 0.989 on every unused true entity). Measured on six SAEs at ``blocks.3`` of three organisms
-  (README): AUROC ranking 0.61-0.996 on every unused true entity, the frequency difference 0.46-0.996.
+  held-out half, 0.989 on every unused true entity). On six SAEs at ``blocks.3`` of three organisms, same contrast
+  sets: the AUROC ranking's top latent 0.61-0.996 on every unused true entity, the frequency difference's
+  0.46-0.996 (issue 8's closing note).
 
 `compare_with_truth` (organism): the same locator on a world's true known and unknown entities, and both sets of
 top latents scored on the true held-out entities that the exemplar-free sets did not use.

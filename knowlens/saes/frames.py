@@ -27,7 +27,7 @@ not at the name or at "A :". `answer_frames` finds such slots from the model's o
   alone. Measured (organisms, TopK SAEs at the last block, README): on a world of three types whose known answers
   split at the name, the known side alone put the slot at the name in the answer, where a probe still reads
   familiarity (0.98) but the top exemplar-free latents did not (0.36 / 0.55, one SAE); walking past that branch
-  put the slots before the values, where the top latent reached 0.99 on two of three SAEs.
+  put the slots before the values, where the top latent reached 0.99 on four of five SAEs.
 """
 
 from __future__ import annotations
@@ -111,16 +111,15 @@ def answer_frames(
         answers = answers_to(t, names)
         n_answers[t] = len(answers)
         min_names = max(2, math.ceil(min_share * len(answers)))
-        frames[t] = ()
+        both: tuple[str, ...] = ()
         if unknown_names:
             others = answers_to(t, unknown_names)
             n_unknown_answers[t] = len(others)
-            frames[t] = _frames(answers, min_names=min_names, branch_share=branch_share, max_words=max_words,
-                                unknown=others, min_unknown=max(2, math.ceil(min_share * len(others))),
-                                stay_share=stay_share)  # fmt: skip
-        walked_past[t] = bool(frames[t])
-        if not frames[t]:
-            frames[t] = _frames(answers, min_names=min_names, branch_share=branch_share, max_words=max_words)
+            both = _frames(answers, min_names=min_names, branch_share=branch_share, max_words=max_words,
+                           unknown=others, min_unknown=max(2, math.ceil(min_share * len(others))),
+                           stay_share=stay_share)  # fmt: skip
+        walked_past[t] = bool(both)
+        frames[t] = both or _frames(answers, min_names=min_names, branch_share=branch_share, max_words=max_words)
     params = {"max_new_tokens": max_new_tokens, "min_share": float(min_share), "branch_share": float(branch_share),
               "max_words": max_words, "n_names": len(names), "decoding": "greedy"}  # fmt: skip
     if unknown_names:
@@ -142,6 +141,7 @@ def _frames(
 ) -> tuple[str, ...]:
     words = [tuple(_WORD.findall(_after(name, text))) for name, text in answers]
     others = [tuple(_WORD.findall(_after(name, text))) for name, text in unknown or ()]
+
     def shared_branch(prefix: tuple[str, ...], nxt: Counter[str]) -> bool:
         """The unknown answers continuing ``prefix`` mostly go on with a followed next word of the known ones."""
         theirs = Counter(w[len(prefix)] for w in others if w[: len(prefix)] == prefix and len(w) > len(prefix))
